@@ -1,0 +1,48 @@
+# Fresh machine: `make demo` runs the node on embedded defaults; `make test` runs the test suite.
+# Each target sets itself up: Debian packages (as root), a virtualenv, pinned Python packages.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.segnode-installed
+APT_PACKAGES := dcmtk dicom3tools postgresql-15
+export TCP_NODELAY := 1
+
+.PHONY: demo test lint typecheck check system-deps bench-ingest clean
+
+system-deps:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	[ -x /usr/lib/postgresql/15/bin/initdb ] || missing="$$missing postgresql-15"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres]'
+	touch $(STAMP)
+
+demo: system-deps $(STAMP)
+	$(BIN)/segnode serve $(if $(CONFIG),--config $(CONFIG),)
+
+test: system-deps $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check node pipelines trainer tests bench
+	$(BIN)/ruff format --check node pipelines trainer tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+bench-ingest: system-deps $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) segnode-data .pytest_cache .mypy_cache .ruff_cache

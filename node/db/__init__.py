@@ -1,0 +1,1 @@
+"""Tracking database: models, engine, migrations."""

@@ -1,0 +1,122 @@
+"""Tracking database tables (SQLAlchemy 2.0). Migrations in node/db/migrations must match these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128))
+    patient_name: Mapped[str | None] = mapped_column(String(256))
+    study_date: Mapped[str | None] = mapped_column(String(32))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    study_description: Mapped[str | None] = mapped_column(String(256))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    # receiving -> complete; an instance arriving after completion re-opens it (receiving again,
+    # generation + 1) so that later stages re-run on the superseding content.
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    expected_count: Mapped[int | None] = mapped_column(Integer)
+    expected_source: Mapped[str | None] = mapped_column(String(64))
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completion_reason: Mapped[str | None] = mapped_column(String(64))
+    sender_ae: Mapped[str | None] = mapped_column(String(16))
+    sender_host: Mapped[str | None] = mapped_column(String(255))
+
+
+class Association(Base):
+    """A DIMSE association or a STOW-RS request: the unit that 'carries' instances."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    protocol: Mapped[str] = mapped_column(String(16))  # dimse | stow
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    remote_host: Mapped[str | None] = mapped_column(String(255))
+    remote_port: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+
+
+class SeriesAssociation(Base):
+    """Which associations carried instances of which series (series completion waits for them)."""
+
+    __tablename__ = "series_associations"
+
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), primary_key=True)
+    association_id: Mapped[int] = mapped_column(ForeignKey("associations.id"), primary_key=True, index=True)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "version", name="uq_instances_sop_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(128), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    remote_host: Mapped[str | None] = mapped_column(String(255))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Append-only: the migration installs triggers that refuse UPDATE and DELETE."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_study", "study_uid", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    event_type: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str | None] = mapped_column(String(128))
+    series_uid: Mapped[str | None] = mapped_column(String(128), index=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    association_uid: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

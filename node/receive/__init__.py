@@ -1,0 +1,1 @@
+"""Receiving instances: DIMSE C-STORE SCP and DICOMweb STOW-RS, sharing one durable write path."""

@@ -1,0 +1,381 @@
+"""The one durable write path for every received instance, whichever protocol carried it.
+
+``Ingestor.store`` takes a fsynced temp file, reads its header, and in one database transaction
+records study, series, instance and audit row; the rename into the spool happens inside that
+transaction after the instance row is flushed, so an acknowledged instance is always both on disk
+and in the database. Carriers (DIMSE associations, STOW-RS requests) are recorded too: series
+completion waits for the carriers of a series to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from node.audit import events as ev
+from node.audit.recorder import record, utcnow
+from node.db.models import Association, Instance, Series, SeriesAssociation, Study
+from node.receive.header import HeaderError, InstanceHeader, read_header
+from node.receive.spool import Spool, TempFile
+from node.receive.status import Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Carrier:
+    """Who brought an instance: one association or one HTTP request."""
+
+    uid: str
+    db_id: int
+    protocol: str  # dimse | stow
+    calling_ae: str | None
+    remote_host: str | None
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: int
+    outcome: str  # stored | duplicate | new_version | rejected
+    comment: str
+    header: InstanceHeader | None = None
+    version: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+class Ingestor:
+    def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
+        self.sessions = sessions
+        self.spool = spool
+        self._series_ids: dict[str, int] = {}
+        self._links: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+
+    # -- carriers --------------------------------------------------------------------------------
+    def open_carrier(
+        self,
+        protocol: str,
+        *,
+        calling_ae: str | None,
+        called_ae: str | None,
+        remote_host: str | None,
+        remote_port: int | None,
+        tls: bool = False,
+    ) -> Carrier:
+        uid = uuid.uuid4().hex
+        with self.sessions.begin() as s:
+            row = Association(
+                uid=uid,
+                protocol=protocol,
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                remote_host=remote_host,
+                remote_port=remote_port,
+                started_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            record(
+                s,
+                ev.AssociationAccepted(
+                    association_uid=uid,
+                    protocol=protocol,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    remote_host=remote_host,
+                    remote_port=remote_port,
+                    tls=tls,
+                ),
+            )
+            return Carrier(uid, row.id, protocol, calling_ae, remote_host)
+
+    def close_carrier(self, carrier: Carrier, how: str, instances: int) -> None:
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Association)
+                .where(Association.id == carrier.db_id, Association.ended_at.is_(None))
+                .values(ended_at=utcnow(), end_reason=how)
+            )
+            record(s, ev.AssociationEnded(association_uid=carrier.uid, how=how, instances=instances))
+
+    def audit(self, event: ev.Event) -> None:
+        with self.sessions.begin() as s:
+            record(s, event)
+
+    # -- instances -------------------------------------------------------------------------------
+    def reject(
+        self,
+        carrier: Carrier | None,
+        status: int,
+        reason: str,
+        *,
+        header: InstanceHeader | None = None,
+        sop_instance_uid: str | None = None,
+        protocol: str = "dimse",
+        calling_ae: str | None = None,
+        remote_host: str | None = None,
+    ) -> StoreResult:
+        log.warning("instance rejected (0x%04X): %s", status, reason)
+        self.audit(
+            ev.InstanceRejected(
+                association_uid=carrier.uid if carrier else None,
+                study_uid=header.study_uid if header else None,
+                series_uid=header.series_uid if header else None,
+                sop_instance_uid=header.sop_instance_uid if header else sop_instance_uid,
+                status=int(status),
+                reason=reason,
+                protocol=carrier.protocol if carrier else protocol,
+                calling_ae=carrier.calling_ae if carrier else calling_ae,
+                remote_host=carrier.remote_host if carrier else remote_host,
+            )
+        )
+        return StoreResult(int(status), "rejected", reason, header)
+
+    def store(
+        self,
+        temp: TempFile,
+        carrier: Carrier,
+        *,
+        expected_sop_instance_uid: str | None = None,
+        expected_sop_class_uid: str | None = None,
+        expected_study_uid: str | None = None,
+        header: InstanceHeader | None = None,
+    ) -> StoreResult:
+        """Record ``temp`` (a complete, fsynced Part 10 file) durably, or reject it with a status."""
+        try:
+            if header is None:
+                header = read_header(temp.path)
+        except HeaderError as exc:
+            self.spool.discard(temp)
+            return self.reject(carrier, exc.status, exc.reason, sop_instance_uid=expected_sop_instance_uid)
+        mismatch = None
+        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid.strip("\x00 "):
+            mismatch = (
+                Status.DATASET_DOES_NOT_MATCH,
+                f"SOPInstanceUID {header.sop_instance_uid!r} in the data set differs from "
+                f"{expected_sop_instance_uid!r} in the request",
+            )
+        elif expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid.strip("\x00 "):
+            mismatch = (
+                Status.DATASET_DOES_NOT_MATCH,
+                f"SOPClassUID {header.sop_class_uid!r} in the data set differs from "
+                f"{expected_sop_class_uid!r} in the request",
+            )
+        elif expected_study_uid and header.study_uid != expected_study_uid:
+            mismatch = (
+                Status.STUDY_UID_MISMATCH,
+                f"StudyInstanceUID {header.study_uid!r} differs from {expected_study_uid!r} in the URL",
+            )
+        if mismatch:
+            self.spool.discard(temp)
+            return self.reject(carrier, mismatch[0], mismatch[1], header=header)
+
+        for attempt in range(5):
+            try:
+                return self._record(temp, carrier, header)
+            except (IntegrityError, OperationalError) as exc:
+                # A concurrent writer stored the same SOP Instance UID or created the same series.
+                self._forget(header.series_uid)
+                if attempt == 4:
+                    self.spool.discard(temp)
+                    return self.reject(
+                        carrier, Status.PROCESSING_FAILURE, f"database conflict: {exc.orig}", header=header
+                    )
+                log.debug("retrying store of %s after %s", header.sop_instance_uid, exc.orig)
+            except OSError as exc:
+                self.spool.discard(temp)
+                return self.reject(
+                    carrier, Status.OUT_OF_RESOURCES, f"cannot place file in spool: {exc}", header=header
+                )
+        raise AssertionError("unreachable")
+
+    def _forget(self, series_uid: str) -> None:
+        with self._lock:
+            sid = self._series_ids.pop(series_uid, None)
+            if sid is not None:
+                self._links = {link for link in self._links if link[0] != sid}
+
+    def _insert_ignore(self, s: Session, table: Any, values: dict[str, Any]) -> None:
+        dialect = s.get_bind().dialect.name
+        stmt: Any
+        if dialect == "postgresql":
+            stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
+        else:
+            stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
+        s.execute(stmt)
+
+    def _series_id(self, s: Session, h: InstanceHeader, carrier: Carrier, now: datetime) -> int:
+        with self._lock:
+            cached = self._series_ids.get(h.series_uid)
+        if cached is not None:
+            return cached
+        self._insert_ignore(
+            s,
+            Study,
+            {
+                "study_uid": h.study_uid,
+                "patient_id": h.patient_id,
+                "patient_name": h.patient_name,
+                "study_date": h.study_date,
+                "accession_number": h.accession_number,
+                "study_description": h.study_description,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        )
+        study_id = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
+        assert study_id is not None
+        self._insert_ignore(
+            s,
+            Series,
+            {
+                "study_id": study_id,
+                "series_uid": h.series_uid,
+                "modality": h.modality,
+                "series_number": h.series_number,
+                "series_description": h.series_description,
+                "state": "receiving",
+                "generation": 1,
+                "instance_count": 0,
+                "expected_count": h.expected_count,
+                "expected_source": h.expected_source,
+                "first_received_at": now,
+                "last_received_at": now,
+                "sender_ae": carrier.calling_ae,
+                "sender_host": carrier.remote_host,
+            },
+        )
+        series_id = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
+        assert series_id is not None
+        return series_id
+
+    def _record(self, temp: TempFile, carrier: Carrier, h: InstanceHeader) -> StoreResult:
+        now = utcnow()
+        with self.sessions() as s, s.begin():
+            series_id = self._series_id(s, h, carrier, now)
+            series = s.get(Series, series_id, with_for_update=True, populate_existing=True)
+            if series is None:  # cache went stale (database reset under us)
+                raise IntegrityError("series vanished", None, Exception("series row missing"))
+            if series.study_id is not None:
+                s.execute(update(Study).where(Study.id == series.study_id).values(last_received_at=now))
+            previous = s.execute(
+                select(Instance.version, Instance.sha256)
+                .where(Instance.sop_instance_uid == h.sop_instance_uid)
+                .order_by(Instance.version.desc())
+                .limit(1)
+            ).first()
+            keys = {
+                "study_uid": h.study_uid,
+                "series_uid": h.series_uid,
+                "sop_instance_uid": h.sop_instance_uid,
+                "association_uid": carrier.uid,
+            }
+            self._link(s, series_id, carrier)
+            if previous is not None and previous.sha256 == temp.sha256:
+                record(
+                    s,
+                    ev.InstanceDuplicate(
+                        **keys, sha256=temp.sha256, version=previous.version, protocol=carrier.protocol
+                    ),
+                    at=now,
+                )
+                series.last_received_at = now
+                s.flush()
+                self.spool.discard(temp)
+                return StoreResult(Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version)
+
+            version = 1 if previous is None else previous.version + 1
+            final = self.spool.final_path(h.study_uid, h.series_uid, h.sop_instance_uid, version)
+            s.add(
+                Instance(
+                    series_id=series_id,
+                    association_id=carrier.db_id,
+                    sop_instance_uid=h.sop_instance_uid,
+                    sop_class_uid=h.sop_class_uid,
+                    version=version,
+                    path=self.spool.relative(final),
+                    size=temp.size,
+                    sha256=temp.sha256,
+                    transfer_syntax=h.transfer_syntax,
+                    calling_ae=carrier.calling_ae,
+                    remote_host=carrier.remote_host,
+                    received_at=now,
+                )
+            )
+            if version == 1:
+                series.instance_count += 1
+            series.last_received_at = now
+            if series.expected_count is None and h.expected_count:
+                series.expected_count = h.expected_count
+                series.expected_source = h.expected_source
+            if series.state == "complete":
+                series.state = "receiving"
+                series.generation += 1
+                series.completed_at = None
+                series.completion_reason = None
+                record(
+                    s,
+                    ev.SeriesReopened(
+                        study_uid=h.study_uid,
+                        series_uid=h.series_uid,
+                        association_uid=carrier.uid,
+                        generation=series.generation,
+                        reason=f"instance {h.sop_instance_uid} arrived after completion",
+                    ),
+                    at=now,
+                )
+            if version == 1:
+                record(
+                    s,
+                    ev.InstanceStored(
+                        **keys,
+                        sop_class_uid=h.sop_class_uid,
+                        version=1,
+                        size=temp.size,
+                        sha256=temp.sha256,
+                        transfer_syntax=h.transfer_syntax,
+                        path=self.spool.relative(final),
+                        protocol=carrier.protocol,
+                    ),
+                    at=now,
+                )
+            else:
+                assert previous is not None
+                record(
+                    s,
+                    ev.InstanceNewVersion(
+                        **keys,
+                        version=version,
+                        previous_sha256=previous.sha256,
+                        sha256=temp.sha256,
+                        protocol=carrier.protocol,
+                    ),
+                    at=now,
+                )
+            # Conflicts (same SOP stored concurrently) surface here, before the file is placed.
+            s.flush()
+            self.spool.commit(temp, final)
+        with self._lock:
+            self._series_ids[h.series_uid] = series_id
+            self._links.add((series_id, carrier.db_id))
+        outcome = "stored" if version == 1 else "new_version"
+        return StoreResult(Status.SUCCESS, outcome, "stored", h, version)
+
+    def _link(self, s: Session, series_id: int, carrier: Carrier) -> None:
+        link = (series_id, carrier.db_id)
+        with self._lock:
+            if link in self._links:
+                return
+        self._insert_ignore(s, SeriesAssociation, {"series_id": series_id, "association_id": carrier.db_id})

@@ -1,0 +1,122 @@
+"""The running node: wires settings, database, spool, listeners and completion together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from node import __version__
+from node.audit import events as ev
+from node.completion.monitor import CompletionMonitor
+from node.db.engine import make_engine, make_session_factory
+from node.db.migrate import upgrade
+from node.receive.dimse import DimseServer
+from node.receive.ingest import Ingestor
+from node.receive.spool import Spool
+from node.recovery import close_stale_carriers, reconcile_spool
+from node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Database:
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @classmethod
+    def open(cls, settings: Settings, migrate: bool = True) -> Database:
+        settings.storage.path.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.database_url, echo=settings.database.echo)
+        if migrate:
+            upgrade(engine)
+        return cls(engine, make_session_factory(engine))
+
+
+def make_spool(settings: Settings) -> Spool:
+    return Spool(
+        settings.spool_dir,
+        settings.incoming_dir,
+        fsync=settings.storage.fsync,
+        min_free_bytes=settings.storage.min_free_bytes,
+    )
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database.open(settings)
+        self.spool = make_spool(settings)
+        self.ingestor = Ingestor(self.db.sessions, self.spool)
+        self.dimse = DimseServer(settings, self.ingestor, self.spool)
+        self.completion = CompletionMonitor(self.db.sessions, settings.completion)
+        self._http: Any = None
+        self._http_thread: threading.Thread | None = None
+        self.dicomweb_port: int | None = None
+        self.dimse_port: int | None = None
+
+    def start(self) -> None:
+        closed = close_stale_carriers(self.db.sessions)
+        if closed:
+            log.info("closed %d association(s) left open by the previous run", closed)
+        recovered = reconcile_spool(self.db.sessions, self.spool, self.ingestor)
+        if recovered:
+            log.info("recorded %d spool file(s) left without a database row", recovered)
+        _, self.dimse_port = self.dimse.start()
+        if self.settings.dicomweb.enabled:
+            self._start_http()
+        self.completion.start()
+        self.ingestor.audit(
+            ev.NodeStarted(
+                version=__version__,
+                ae_title=self.settings.node.ae_title,
+                dimse_port=self.dimse_port,
+                dicomweb_port=self.dicomweb_port or 0,
+            )
+        )
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from node.receive.stow import build_app
+
+        app = build_app(self.settings, self.ingestor, self.spool)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.dicomweb.host,
+            port=self.settings.dicomweb.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=int(self.settings.dimse.shutdown_grace_seconds) or None,
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._http = server
+        self._http_thread = threading.Thread(target=server.run, name="dicomweb", daemon=True)
+        self._http_thread.start()
+        while not server.started:
+            if not self._http_thread.is_alive():
+                raise RuntimeError(
+                    f"DICOMweb listener could not start on {self.settings.dicomweb.host}:"
+                    f"{self.settings.dicomweb.port}"
+                )
+            threading.Event().wait(0.02)
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        self.dicomweb_port = int(sockets[0].getsockname()[1]) if sockets else self.settings.dicomweb.port
+        log.info("DICOMweb listener on %s:%s", self.settings.dicomweb.host, self.dicomweb_port)
+
+    def stop(self, reason: str = "signal") -> None:
+        grace = self.settings.dimse.shutdown_grace_seconds
+        self.dimse.stop(grace)
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(timeout=grace + 5)
+        self.completion.stop()
+        self.ingestor.audit(ev.NodeStopped(reason=reason))
+        self.db.engine.dispose()

@@ -1,0 +1,1 @@
+"""Segmentation pipelines: series -> volume -> model -> post-processing -> DICOM-SEG/SR."""

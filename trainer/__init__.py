@@ -1,0 +1,1 @@
+"""Model training: datasets -> plan -> train -> evaluate -> export -> model bundle."""
