@@ -113,7 +113,7 @@ class StorageSection(Section):
     min_free_bytes: int = Field(
         256 * 1024**2,
         ge=0,
-        description="Refuse new instances (0xA700 / HTTP 507) when less than this would stay free.",
+        description="Refuse new instances (status / FailureReason 0xA700) when less than this would stay free.",
     )
     fsync: bool = Field(True, description="fsync each instance and its folder before acknowledging it.")
 

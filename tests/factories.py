@@ -20,6 +20,7 @@ class SeriesSpec:
     series_uid: str = field(default_factory=generate_uid)
     images_in_acquisition: int | None = None
     description: str = "TEST SERIES"
+    frame_uid: str = field(default_factory=generate_uid)
 
 
 def ct_instance(spec: SeriesSpec, index: int, seed: int = 0) -> Dataset:
@@ -32,7 +33,7 @@ def ct_instance(spec: SeriesSpec, index: int, seed: int = 0) -> Dataset:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID = spec.study_uid
     ds.SeriesInstanceUID = spec.series_uid
-    ds.FrameOfReferenceUID = spec.series_uid + ".1"
+    ds.FrameOfReferenceUID = spec.frame_uid
     ds.Modality = spec.modality
     ds.PatientID = "SEGNODE-TEST"
     ds.PatientName = "Test^Patient"

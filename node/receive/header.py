@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 
@@ -91,6 +92,17 @@ def _expected(ds: pydicom.Dataset) -> tuple[int | None, str | None]:
     return None, None
 
 
+def _check_not_truncated(ds: pydicom.Dataset) -> None:
+    for tag, raw in ds._dict.items():
+        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != 0xFFFFFFFF:
+            if len(raw.value) < raw.length:
+                raise HeaderError(
+                    Status.CANNOT_UNDERSTAND,
+                    f"cannot parse the data set: element {tag} declares {raw.length} bytes "
+                    f"but only {len(raw.value)} follow",
+                )
+
+
 def read_header(source: bytes | memoryview | Path | BinaryIO) -> InstanceHeader:
     """Parse the preamble, file meta and the header attributes; raise HeaderError with a status."""
     fh: BinaryIO
@@ -102,6 +114,7 @@ def read_header(source: bytes | memoryview | Path | BinaryIO) -> InstanceHeader:
         fh = source
     try:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list[BaseTag](_WANTED))
+        _check_not_truncated(ds)
         # Touch the values so that a malformed element fails here and not later.
         for elem in ds:
             _ = elem.value

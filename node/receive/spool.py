@@ -23,7 +23,7 @@ _COPY_CHUNK = 4 * 1024 * 1024
 
 
 class OutOfSpace(Exception):
-    """Not enough free space to accept an instance (DIMSE 0xA700, HTTP 507)."""
+    """Not enough free space to accept an instance (DIMSE status 0xA700; STOW-RS FailureReason 0xA700)."""
 
 
 def safe_uid_component(uid: str) -> str:

@@ -40,4 +40,8 @@ COMPRESSED: list[UID] = [
     RLELossless,
 ]
 
+# Deflated Image Frame Compression (Sup 244), sent by recent toolkits for SEG/labelmaps.
+DEFLATED_IMAGE_FRAME_COMPRESSION = UID("1.2.840.10008.1.2.8.1")
+COMPRESSED.append(DEFLATED_IMAGE_FRAME_COMPRESSION)
+
 ACCEPTED_TRANSFER_SYNTAXES: list[UID] = UNCOMPRESSED + COMPRESSED
