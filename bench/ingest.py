@@ -161,9 +161,7 @@ def run_storescu(port: int, called: str, groups: Sequence[Sequence[Path]]) -> fl
     start = time.perf_counter()
     for files in groups:
         cmd = ["storescu", "-aet", SCU_AET, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
-        procs.append(
-            subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
+        procs.append(subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = [p.communicate()[0] for p in procs]
     elapsed = time.perf_counter() - start
     for p, out in zip(procs, outputs, strict=True):
@@ -257,7 +255,11 @@ def segnode(workdir: Path, extra_env: dict[str, str]) -> Iterator[Node]:
     ready = storage / "run" / "ready.json"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO
+            [sys.executable, "-m", "node.cli", "serve"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
 
     def _ready() -> dict[str, Any] | None:
@@ -292,7 +294,12 @@ def check_stored(node: Node, expected: set[str]) -> dict[str, int]:
     duplicated = len(uids) - len(set(uids))
     extra = set(uids) - expected
     absent = [p for _, p in rows if not (node.storage / "spool" / p).is_file()]
-    problems = {"missing": len(missing), "duplicated": duplicated, "unexpected": len(extra), "no_file": len(absent)}
+    problems = {
+        "missing": len(missing),
+        "duplicated": duplicated,
+        "unexpected": len(extra),
+        "no_file": len(absent),
+    }
     if any(problems.values()):
         raise RuntimeError(f"segnode database does not hold exactly the sent instances: {problems}")
     return {"instances": len(uids), **problems}
@@ -441,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=300, help="instances in the series (default 300)")
     ap.add_argument("--parallel", type=int, default=4, help="parallel associations (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="take the best of this many runs (default 3)")
-    ap.add_argument("--big-mb", type=int, default=500, help="size of the memory-check instance, MB (0 = skip)")
+    ap.add_argument(
+        "--big-mb", type=int, default=500, help="size of the memory-check instance, MB (0 = skip)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out", help="folder for ingest.json")
     ap.add_argument("--workdir", type=Path, default=None, help="temp folder (default: system temp)")
     ap.add_argument(
@@ -478,7 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ration = segn.rate / forkn.rate
         print()
         print(f"{n} x 512x512 CT, best of {r}, TCP_NODELAY=1, {os.cpu_count()} CPUs")
-        print(f"{'receiver':<18}{'assocs':>7}{'best s':>9}{'images/s':>10}{'vs storescp':>13}{'vs --fork':>11}")
+        print(
+            f"{'receiver':<18}{'assocs':>7}{'best s':>9}{'images/s':>10}{'vs storescp':>13}{'vs --fork':>11}"
+        )
         for m in rows:
             base_fork = fork1 if m.associations == 1 else forkn
             print(
@@ -493,7 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"segnode {k} associations: {ration:.2f}x storescp --fork (target >= {TARGET_PARALLEL}x) "
             f"{'PASS' if ration >= TARGET_PARALLEL else 'FAIL'}"
         )
-        print(f"database check: {check1['instances']} and {checkn['instances']} instances, none lost or duplicated")
+        print(
+            f"database check: {check1['instances']} and {checkn['instances']} instances, "
+            "none lost or duplicated"
+        )
         result: dict[str, Any] = {
             "images": n,
             "parallel": k,
@@ -515,7 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             mem = bench_memory(workdir, args.big_mb, env)
             result["memory"] = mem
             print(
-                f"{mem['instance_bytes'] / 1e6:.0f} MB instance in {mem['seconds']}s ({mem['mb_per_second']} MB/s), "
+                f"{mem['instance_bytes'] / 1e6:.0f} MB instance in {mem['seconds']}s "
+                f"({mem['mb_per_second']} MB/s), "
                 f"{mem['processes']} process(es), idle RSS {mem['idle_rss_mb']} MB, "
                 f"peak above idle {mem['peak_above_idle_mb']} MB "
                 f"(VmHWM {mem['peak_above_idle_hwm_mb']}, sampled {mem['peak_above_idle_sampled_mb']}) "

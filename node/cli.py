@@ -27,7 +27,9 @@ app.add_typer(studies_app, name="studies")
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."),
+    typer.Option(
+        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -111,7 +113,8 @@ def _print_banner(settings: Settings, dimse_port: int | None, dicomweb_port: int
         f"segnode ready: AE {settings.node.ae_title} on {settings.dimse.host}:{dimse_port}",
         f"  storage: {settings.storage.path.resolve()}   database: {settings.database_url.split('@')[-1]}",
         "  send a study by DIMSE:",
-        f"    TCP_NODELAY=1 storescu -aec {settings.node.ae_title} -aet MYSCU +sd +r {host} {dimse_port} DICOM_DIR",
+        f"    TCP_NODELAY=1 storescu -aec {settings.node.ae_title} -aet MYSCU +sd +r "
+        f"{host} {dimse_port} DICOM_DIR",
     ]
     if dicomweb_port:
         web = "127.0.0.1" if settings.dicomweb.host in ("0.0.0.0", "") else settings.dicomweb.host
@@ -172,7 +175,9 @@ def studies_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     out: list[dict[str, Any]] = []
     with db.sessions() as s:
         for study in s.scalars(select(Study).order_by(Study.first_received_at)).all():
-            series_rows = s.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id)).all()
+            series_rows = s.scalars(
+                select(Series).where(Series.study_id == study.id).order_by(Series.id)
+            ).all()
             n_inst = s.scalar(
                 select(func.count()).select_from(Instance).join(Series).where(Series.study_id == study.id)
             )
@@ -251,8 +256,11 @@ def audit(
         typer.echo(json.dumps(items, indent=2))
         return
     for it in items:
-        detail = ", ".join(f"{k}={v}" for k, v in it["details"].items() if k not in ("path", "sha256"))
-        typer.echo(f"{it['at']}  {it['event']:<22} {it['sop_instance_uid'] or it['series_uid'] or ''}  {detail}")
+        details = it["details"] if isinstance(it["details"], dict) else {}
+        detail = ", ".join(f"{k}={v}" for k, v in details.items() if k not in ("path", "sha256"))
+        typer.echo(
+            f"{it['at']}  {it['event']:<22} {it['sop_instance_uid'] or it['series_uid'] or ''}  {detail}"
+        )
 
 
 @app.command("version")

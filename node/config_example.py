@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from node.settings import SECTIONS, Section
+from node.settings import SECTIONS
 
 
 def _yaml_value(value: Any) -> str:
@@ -30,7 +30,7 @@ def _yaml_value(value: Any) -> str:
     return str(value)
 
 
-def _section_lines(model: type[Section], indent: int, env_path: str) -> list[str]:
+def _section_lines(model: type[BaseModel], indent: int, env_path: str) -> list[str]:
     pad = "  " * indent
     lines: list[str] = []
     instance = model()

@@ -50,7 +50,9 @@ def reconcile_spool(sessions: sessionmaker[Session], spool: Spool, ingestor: Ing
     orphans = [p for p in spool.root.rglob("*.dcm") if spool.relative(p) not in known]
     if not orphans:
         return 0
-    carrier = ingestor.open_carrier("recovery", calling_ae=None, called_ae=None, remote_host=None, remote_port=None)
+    carrier = ingestor.open_carrier(
+        "recovery", calling_ae=None, called_ae=None, remote_host=None, remote_port=None
+    )
     recovered = 0
     for path in orphans:
         recovered += _recover_one(path, spool, ingestor, carrier)

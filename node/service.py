@@ -95,7 +95,7 @@ class Node:
             timeout_graceful_shutdown=int(self.settings.dimse.shutdown_grace_seconds) or None,
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # uvicorn installs no signal handlers outside the main thread; serve() owns SIGTERM/SIGINT.
         self._http = server
         self._http_thread = threading.Thread(target=server.run, name="dicomweb", daemon=True)
         self._http_thread.start()

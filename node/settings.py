@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,7 +57,8 @@ class TlsSection(Section):
     certificate: Path | None = Field(None, description="PEM certificate of this node.")
     key: Path | None = Field(None, description="PEM private key of this node.")
     ca: Path | None = Field(
-        None, description="PEM CA bundle; when given, peers must present a certificate it signed (mutual TLS)."
+        None,
+        description="PEM CA bundle; when given, peers must present a certificate it signed (mutual TLS).",
     )
 
     @model_validator(mode="after")
@@ -102,7 +111,9 @@ class DicomwebSection(Section):
     enabled: bool = Field(True, description="Serve STOW-RS and /healthz.")
     host: str = Field("127.0.0.1", description="Address the DICOMweb (STOW-RS) listener binds.")
     port: int = Field(8080, ge=0, le=65535, description="DICOMweb listener port (0 = any free port).")
-    token: SecretStr | None = Field(None, description="Bearer token required on STOW-RS requests; unset = open.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token required on STOW-RS requests; unset = open."
+    )
     max_request_bytes: int = Field(
         8 * 1024**3, gt=0, description="Largest STOW-RS request body accepted, bytes (larger gets 413)."
     )
@@ -113,14 +124,15 @@ class StorageSection(Section):
     min_free_bytes: int = Field(
         256 * 1024**2,
         ge=0,
-        description="Refuse new instances (status / FailureReason 0xA700) when less than this would stay free.",
+        description="Refuse new instances (status 0xA700) when less than this would stay free.",
     )
     fsync: bool = Field(True, description="fsync each instance and its folder before acknowledging it.")
 
 
 class DatabaseSection(Section):
     url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<storage.path>/segnode.db. postgresql+psycopg://..."
+        None,
+        description="SQLAlchemy URL; default sqlite:///<storage.path>/segnode.db. postgresql+psycopg://...",
     )
     echo: bool = Field(False, description="Log every SQL statement.")
 
@@ -131,7 +143,8 @@ class CompletionSection(Section):
     )
     poll_seconds: float = Field(0.25, gt=0, le=10, description="How often completion is checked.")
     use_count_hints: bool = Field(
-        True, description="Complete early when ImagesInAcquisition / NumberOfFrames say all instances arrived."
+        True,
+        description="Complete early when ImagesInAcquisition / NumberOfFrames say all instances arrived.",
     )
 
 
@@ -214,9 +227,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             section = str(err["loc"][0]) if len(err["loc"]) > 1 else None
-            allowed = (
-                sorted(SECTIONS[section].model_fields) if section in SECTIONS else sorted(SECTIONS)
-            )
+            allowed = sorted(SECTIONS[section].model_fields) if section in SECTIONS else sorted(SECTIONS)
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         lines.append(f"  {key} = {shown}: {msg}")
     return "\n".join(lines)

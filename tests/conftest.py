@@ -76,7 +76,13 @@ class RunningNode:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*SEGNODE, *args], env=self.env, capture_output=True, text=True, check=check, cwd=REPO, timeout=120
+            [*SEGNODE, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            cwd=REPO,
+            timeout=120,
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
@@ -171,11 +177,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """Start PostgreSQL 15 (initdb as user postgres) on 127.0.0.1; yield a server URL without database."""
+    import tempfile
+
     if not (PG_BIN / "initdb").exists():
         pytest.skip(f"PostgreSQL 15 binaries not found in {PG_BIN} (make test installs postgresql-15)")
-    base = tmp_path_factory.mktemp("pg")
+    # pytest's own temp folders are private to root; the postgres user needs its own
+    base = Path(tempfile.mkdtemp(prefix="segnode-pg-"))
+    base.chmod(0o755)
     data = base / "data"
     sock = base / "sock"
     sock.mkdir()
@@ -207,7 +217,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run([*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False)
+        subprocess.run(
+            [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], check=False
+        )
 
 
 @pytest.fixture
@@ -218,6 +230,8 @@ def postgres_url(postgres_server: str) -> str:
     import psycopg
 
     name = "t_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(postgres_server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as c:
+    with psycopg.connect(
+        postgres_server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True
+    ) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     return f"{postgres_server}/{name}"

@@ -182,9 +182,7 @@ def test_bad_datasets_get_failure_status_and_node_keeps_serving(
     missing_series.save_as(missing_path, enforce_file_format=True)
     garbage_uid = generate_uid()
     # a tag claiming a 4 GB-ish length: the data set cannot be parsed
-    garbage = _raw_file(
-        tmp_path / "garbage.dcm", b"\x08\x00\x16\x00UI\xf0\xff" + b"\x01" * 64, garbage_uid
-    )
+    garbage = _raw_file(tmp_path / "garbage.dcm", b"\x08\x00\x16\x00UI\xf0\xff" + b"\x01" * 64, garbage_uid)
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
@@ -307,8 +305,16 @@ def test_sigterm_finishes_inflight_association_then_exits_zero(tmp_path: Path) -
     from tests.conftest import dcmtk_env, need_tool
 
     proc = subprocess.Popen(
-        [need_tool("storescu"), "-aet", "LONGSCU", "-aec", running.ae_title, "127.0.0.1",
-         str(running.dimse_port), *map(str, paths)],
+        [
+            need_tool("storescu"),
+            "-aet",
+            "LONGSCU",
+            "-aec",
+            running.ae_title,
+            "127.0.0.1",
+            str(running.dimse_port),
+            *map(str, paths),
+        ],
         env=dcmtk_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -82,9 +82,7 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int) -> Non
         in_db = {r.path for r in _instances(again).values()}
         assert on_disk == in_db  # no orphan file and no row without file
         with again.sessions()() as s:
-            ended = s.scalars(
-                select(AuditEvent).where(AuditEvent.event_type == "association.ended")
-            ).all()
+            ended = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "association.ended")).all()
             assert any(e.details["how"] == "restart" for e in ended)
     finally:
         again.stop()

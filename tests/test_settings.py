@@ -54,7 +54,10 @@ def test_yaml_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("dimse:\n  port: 70000\n", "dimse.port = 70000: Input should be less than or equal to 65535"),
         ("node:\n  ae_title: THIS_TITLE_IS_TOO_LONG\n", "node.ae_title = 'THIS_TITLE_IS_TOO_LONG'"),
         ("dimse:\n  prot: 104\n", "dimse.prot = 104: unknown key; allowed keys here: acse_timeout"),
-        ("completion:\n  quiet_seconds: -1\n", "completion.quiet_seconds = -1: Input should be greater than 0"),
+        (
+            "completion:\n  quiet_seconds: -1\n",
+            "completion.quiet_seconds = -1: Input should be greater than 0",
+        ),
         ("bogus: {}\n", "bogus = {...}: unknown key"),
         ("- a\n- b\n", "must be a mapping of sections"),
         ("dimse: [\n", "is not valid YAML"),
@@ -71,7 +74,9 @@ def test_invalid_config_names_key_value_and_allowed(tmp_path: Path, yaml_text: s
 
 def test_env_value_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGNODE_COMPLETION__QUIET_SECONDS", "soon")
-    with pytest.raises(ConfigError, match=r"completion.quiet_seconds = 'soon': Input should be a valid number"):
+    with pytest.raises(
+        ConfigError, match=r"completion.quiet_seconds = 'soon': Input should be a valid number"
+    ):
         load_settings()
 
 

@@ -31,7 +31,9 @@ class Event:
 def event_from_row(event_type: str, keys: dict[str, str | None], details: dict[str, Any]) -> Event:
     cls = REGISTRY[event_type]
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in keys.items() if k in _KEYS}, **{k: v for k, v in details.items() if k in names})
+    return cls(
+        **{k: v for k, v in keys.items() if k in _KEYS}, **{k: v for k, v in details.items() if k in names}
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

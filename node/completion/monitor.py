@@ -73,9 +73,7 @@ class CompletionMonitor:
             return f"count_hint:{series.expected_source or 'declared'}"
         if ended < total:
             return None  # an association that carried this series is still open
-        quiet_since = max(
-            t for t in (_aware(series.last_received_at), _aware(last_end)) if t is not None
-        )
+        quiet_since = max(t for t in (_aware(series.last_received_at), _aware(last_end)) if t is not None)
         if now - quiet_since >= timedelta(seconds=self.settings.quiet_seconds):
             return "quiet"
         return None

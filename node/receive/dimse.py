@@ -1,8 +1,10 @@
 """DICOM (DIMSE) listener: C-ECHO and C-STORE SCP on pynetdicom.
 
 The C-STORE handler has its collaborators bound in (``evt_handlers`` with arguments, as in
-pynetdicom's own examples): it writes the encoded data set with its file meta to the spool, has the
-ingestor record it, and answers. Nothing is decoded beyond the few header attributes recorded.
+pynetdicom's own examples): the data set has already been streamed, with its file meta, into a temp
+file under the spool's ``incoming/`` folder by the receive path (``node.receive.fast_dul``); the
+handler adopts that file (hash, fsync), has the ingestor record it, and answers. Nothing is decoded
+beyond the few header attributes recorded.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import events as ev
+from node.receive.fast_dul import FastAssociationServer, received_dataset
 from node.receive.ingest import Carrier, Ingestor
-from node.receive.spool import OutOfSpace, Spool
+from node.receive.spool import OutOfSpace, Spool, TempFile
 from node.receive.status import Status
 from node.receive.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from node.settings import Settings
@@ -144,33 +147,60 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
+def _spool_instance(event: Any, spool: Spool) -> TempFile:
+    """The received data set as a fsynced temp file under incoming/ (raises OutOfSpace, OSError)."""
+    received = received_dataset(event)
+    if received is None:  # not streamed by the fast receive path: the data set is in memory
+        payload = event.encoded_dataset()
+        return spool.write_temp((payload,), size_hint=len(payload))
+    try:
+        if received.error is not None:
+            raise received.error
+        spool.check_space(0)  # as write_temp: what stays free after the instance is written
+        return spool.adopt_temp(received.path)
+    except BaseException:
+        spool.discard(received.path)
+        raise
+
+
 def handle_store(event: Any, ingestor: Ingestor, spool: Spool, carriers: CarrierTable) -> Dataset:
     """C-STORE: spool the encoded data set durably, record it, answer. No pixel decoding here."""
     tracked = carriers.get(event.assoc)
     if tracked is None:  # should not happen: EVT_ACCEPTED always precedes a C-STORE
+        received = received_dataset(event)
+        if received is not None:
+            spool.discard(received.path)
         return _status(Status.PROCESSING_FAILURE, "association not registered")
     request = event.request
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     sop_class = str(request.AffectedSOPClassUID or "")
     try:
-        payload = event.encoded_dataset()
-        temp = spool.write_temp((payload,), size_hint=len(payload))
+        temp = _spool_instance(event, spool)
     except OutOfSpace as exc:
         return _status(
-            ingestor.reject(tracked.carrier, Status.OUT_OF_RESOURCES, str(exc), sop_instance_uid=sop_uid).status,
+            ingestor.reject(
+                tracked.carrier, Status.OUT_OF_RESOURCES, str(exc), sop_instance_uid=sop_uid
+            ).status,
             "Out of resources: disk full",
         )
     except Exception as exc:  # an unwritable spool must never take the listener down
         log.exception("cannot spool instance %s", sop_uid)
         return _status(
             ingestor.reject(
-                tracked.carrier, Status.OUT_OF_RESOURCES, f"cannot write spool: {exc}", sop_instance_uid=sop_uid
+                tracked.carrier,
+                Status.OUT_OF_RESOURCES,
+                f"cannot write spool: {exc}",
+                sop_instance_uid=sop_uid,
             ).status,
             "Cannot write spool",
         )
-    result = ingestor.store(
-        temp, tracked.carrier, expected_sop_instance_uid=sop_uid, expected_sop_class_uid=sop_class
-    )
+    try:
+        result = ingestor.store(
+            temp, tracked.carrier, expected_sop_instance_uid=sop_uid, expected_sop_class_uid=sop_class
+        )
+    except BaseException:
+        spool.discard(temp)  # not acknowledged: leave nothing behind in incoming/
+        raise
     if result.ok:
         with tracked.lock:
             tracked.instances += 1
@@ -205,6 +235,7 @@ def build_ae(settings: Settings) -> AE:
     ae.require_calling_aet = list(settings.dimse.allowed_calling_aets)
     ae.add_supported_context(Verification, ACCEPTED_TRANSFER_SYNTAXES[:3])
     for cx in StoragePresentationContexts:
+        assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
@@ -212,13 +243,17 @@ def build_ae(settings: Settings) -> AE:
 class DimseServer:
     """One pynetdicom acceptor on a socket (shared with sibling receiver processes when asked)."""
 
-    def __init__(self, settings: Settings, ingestor: Ingestor, spool: Spool) -> None:
+    def __init__(
+        self, settings: Settings, ingestor: Ingestor, spool: Spool, *, reuse_port: bool = False
+    ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.spool = spool
+        self.reuse_port = reuse_port
         self.carriers = CarrierTable()
         self.ae = build_ae(settings)
         self._server: Any = None
+        self._thread: threading.Thread | None = None
         if not settings.dimse.allowed_calling_aets:
             log.warning("dimse.allowed_calling_aets is empty: any calling AE title may store instances")
 
@@ -233,16 +268,25 @@ class DimseServer:
             (evt.EVT_C_STORE, handle_store, [self.ingestor, self.spool, self.carriers]),
         ]
 
-    def start(self) -> tuple[str, int]:
-        self._server = self.ae.start_server(
-            (self.settings.dimse.host, self.settings.dimse.port),
-            block=False,
-            evt_handlers=self.handlers(),
+    def start(self, port: int | None = None) -> tuple[str, int]:
+        """Listen on ``dimse.host`` and ``port`` (default ``dimse.port``); return the bound address."""
+        address = (self.settings.dimse.host, self.settings.dimse.port if port is None else port)
+        server = self.ae.make_server(
+            address,
             ssl_context=tls_context(self.settings),
+            evt_handlers=self.handlers(),
+            server_class=FastAssociationServer,
+            spool=self.spool,
+            reuse_port=self.reuse_port,
         )
-        host, port = self._server.server_address[:2]
-        log.info("DICOM listener %s on %s:%s", self.settings.node.ae_title, host, port)
-        return str(host), int(port)
+        # As AE.start_server(block=False) does, with our server class.
+        self.ae._servers.append(server)
+        self._thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
+        self._thread.start()
+        self._server = server
+        host, bound_port = server.server_address[:2]
+        log.info("DICOM listener %s on %s:%s", self.settings.node.ae_title, host, bound_port)
+        return str(host), int(bound_port)
 
     @property
     def port(self) -> int:

@@ -94,13 +94,17 @@ def _expected(ds: pydicom.Dataset) -> tuple[int | None, str | None]:
 
 def _check_not_truncated(ds: pydicom.Dataset) -> None:
     for tag, raw in ds._dict.items():
-        if isinstance(raw, RawDataElement) and raw.value is not None and raw.length != 0xFFFFFFFF:
-            if len(raw.value) < raw.length:
-                raise HeaderError(
-                    Status.CANNOT_UNDERSTAND,
-                    f"cannot parse the data set: element {tag} declares {raw.length} bytes "
-                    f"but only {len(raw.value)} follow",
-                )
+        if (
+            isinstance(raw, RawDataElement)
+            and raw.value is not None
+            and raw.length != 0xFFFFFFFF
+            and len(raw.value) < raw.length
+        ):
+            raise HeaderError(
+                Status.CANNOT_UNDERSTAND,
+                f"cannot parse the data set: element {tag} declares {raw.length} bytes "
+                f"but only {len(raw.value)} follow",
+            )
 
 
 def read_header(source: bytes | memoryview | Path | BinaryIO) -> InstanceHeader:
@@ -118,7 +122,15 @@ def read_header(source: bytes | memoryview | Path | BinaryIO) -> InstanceHeader:
         # Touch the values so that a malformed element fails here and not later.
         for elem in ds:
             _ = elem.value
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OSError,
+        NotImplementedError,
+    ) as exc:
         raise HeaderError(Status.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}") from exc
     finally:
         if isinstance(source, Path):

@@ -294,7 +294,9 @@ class Ingestor:
                 series.last_received_at = now
                 s.flush()
                 self.spool.discard(temp)
-                return StoreResult(Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version)
+                return StoreResult(
+                    Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version
+                )
 
             version = 1 if previous is None else previous.version + 1
             final = self.spool.final_path(h.study_uid, h.series_uid, h.sop_instance_uid, version)
