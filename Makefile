@@ -23,7 +23,7 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres,pipelines]'
 	touch $(STAMP)
 
 demo: system-deps $(STAMP)

@@ -272,6 +272,9 @@ def version() -> None:
 
 
 def main() -> None:
+    from node.commands import register_all
+
+    register_all(app)
     app()
 
 
