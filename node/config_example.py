@@ -57,4 +57,19 @@ def example_config() -> str:
         out.append(f"{section}:")
         out.extend(_section_lines(model, 1, section.upper()))
         out.append("")
+    out += [
+        "# Where results go. Rules name these (or 'sender' = the AE/host that sent the study).",
+        "destinations: {}",
+        "#  pacs:",
+        "#    type: dimse            # C-STORE",
+        "#    ae_title: PACS",
+        "#    host: pacs.example.org",
+        "#    port: 104",
+        "#    tls: false",
+        "#  orthanc-web:",
+        "#    type: dicomweb         # STOW-RS",
+        "#    url: http://127.0.0.1:8042/dicom-web",
+        "#    token: null            # or username/password for basic auth",
+        "",
+    ]
     return "\n".join(out)

@@ -17,8 +17,11 @@ from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.receive.dimse import DimseServer
 from node.receive.ingest import Ingestor
+from node.receive.receivers import Listener, ReceiverPool
 from node.receive.spool import Spool
 from node.recovery import close_stale_carriers, reconcile_spool
+from node.route.router import Router
+from node.route.store import RuleStore
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,11 +34,19 @@ class Database:
 
     @classmethod
     def open(cls, settings: Settings, migrate: bool = True) -> Database:
+        """Open (and migrate) the database; a database that never had rules gets the shipped defaults."""
         settings.storage.path.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.database_url, echo=settings.database.echo)
+        db = cls(engine, make_session_factory(engine))
         if migrate:
             upgrade(engine)
-        return cls(engine, make_session_factory(engine))
+            seeded = db.rules(settings).seed_defaults()
+            if seeded:
+                log.info("installed the default rules: %s", ", ".join(seeded))
+        return db
+
+    def rules(self, settings: Settings) -> RuleStore:
+        return RuleStore(self.sessions, settings.destinations.keys())
 
 
 def make_spool(settings: Settings) -> Spool:
@@ -53,8 +64,20 @@ class Node:
         self.db = Database.open(settings)
         self.spool = make_spool(settings)
         self.ingestor = Ingestor(self.db.sessions, self.spool)
-        self.dimse = DimseServer(settings, self.ingestor, self.spool)
+        # dimse.receivers > 1: that many receiver processes share the port (node.receive.receivers).
+        self.dimse: Listener = (
+            ReceiverPool(settings)
+            if settings.dimse.receivers > 1
+            else DimseServer(settings, self.ingestor, self.spool)
+        )
         self.completion = CompletionMonitor(self.db.sessions, settings.completion)
+        self.router = Router(
+            self.db.sessions,
+            self.db.rules(settings),
+            self.spool.root,
+            quiet_seconds=settings.completion.quiet_seconds,
+            poll_seconds=settings.completion.poll_seconds,
+        )
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self.dicomweb_port: int | None = None
@@ -71,6 +94,7 @@ class Node:
         if self.settings.dicomweb.enabled:
             self._start_http()
         self.completion.start()
+        self.router.start()
         self.ingestor.audit(
             ev.NodeStarted(
                 version=__version__,
@@ -118,5 +142,6 @@ class Node:
             if self._http_thread is not None:
                 self._http_thread.join(timeout=grace + 5)
         self.completion.stop()
+        self.router.stop()
         self.ingestor.audit(ev.NodeStopped(reason=reason))
         self.db.engine.dispose()

@@ -148,6 +148,37 @@ class CompletionSection(Section):
     )
 
 
+class DestinationSection(Section):
+    type: Literal["dimse", "dicomweb"] = Field(description="dimse (C-STORE) or dicomweb (STOW-RS).")
+    description: str = Field("", description="Free text shown in listings.")
+    ae_title: str | None = Field(None, description="dimse: the peer's AE title.")
+    host: str | None = Field(None, description="dimse: the peer's host name or address.")
+    port: int | None = Field(None, ge=1, le=65535, description="dimse: the peer's port.")
+    tls: bool = Field(False, description="dimse: use TLS (dimse.tls certificate/key/ca are used).")
+    url: str | None = Field(None, description="dicomweb: the STOW-RS base URL (…/dicomweb).")
+    token: SecretStr | None = Field(None, description="dicomweb: bearer token.")
+    username: str | None = Field(None, description="dicomweb: basic-auth user.")
+    password: SecretStr | None = Field(None, description="dicomweb: basic-auth password.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DestinationSection:
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) in (None, "")]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)}")
+        elif not self.url or not re.match(r"^https?://", self.url):
+            raise ValueError("a dicomweb destination needs url: http(s)://host:port/path")
+        return self
+
+
+_DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 SECTIONS: dict[str, type[Section]] = {
     "node": NodeSection,
     "dimse": DimseSection,
@@ -184,6 +215,20 @@ class Settings(BaseSettings):
     storage: StorageSection = Field(default_factory=lambda: StorageSection())
     database: DatabaseSection = Field(default_factory=lambda: DatabaseSection())
     completion: CompletionSection = Field(default_factory=lambda: CompletionSection())
+    destinations: dict[str, DestinationSection] = Field(
+        default_factory=dict, description="Where results go, by name; rules name them (or 'sender')."
+    )
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(cls, value: dict[str, DestinationSection]) -> dict[str, DestinationSection]:
+        for name in value:
+            if name == "sender" or not _DEST_NAME.match(name):
+                raise ValueError(
+                    f"destination name {name!r} is not allowed: 1-64 letters, digits, '-', '_', '.', "
+                    "and not 'sender' (reserved for the AE that sent the study)"
+                )
+        return value
 
     @classmethod
     def settings_customise_sources(

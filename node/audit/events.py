@@ -154,3 +154,52 @@ class RequestRejected(Event):
     status: int
     reason: str
     remote_host: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleChanged(Event):
+    type: ClassVar[str] = "rule.changed"
+    rule: str
+    version: int
+    action: str  # seed | add | edit | enable | disable | remove
+    author: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCreated(Event):
+    type: ClassVar[str] = "job.created"
+    job_uid: str
+    rule: str
+    rule_version: int
+    pipeline: str
+    lane: str
+    destinations: list[str]
+    series_uids: list[str]
+    level: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSuperseded(Event):
+    type: ClassVar[str] = "job.superseded"
+    job_uid: str
+    by_job_uid: str
+    previous_state: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteNoMatch(Event):
+    """A completed series (or a study, for study-level rules) that no enabled rule matched."""
+
+    type: ClassVar[str] = "route.no_match"
+    level: str
+    generation: int
+    reasons: dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteSkipped(Event):
+    """A completed series the router did not evaluate: segnode's own output, or unreadable."""
+
+    type: ClassVar[str] = "route.skipped"
+    generation: int
+    reason: str

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -35,6 +36,8 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(String(256))
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Study-level rules have seen the study in this state (series UIDs and generations).
+    routed_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
 
 class Series(Base):
@@ -59,6 +62,8 @@ class Series(Base):
     completion_reason: Mapped[str | None] = mapped_column(String(64))
     sender_ae: Mapped[str | None] = mapped_column(String(16))
     sender_host: Mapped[str | None] = mapped_column(String(255))
+    # The generation the router has evaluated; routing is pending while it is below ``generation``.
+    routed_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Association(Base):
@@ -120,3 +125,57 @@ class AuditEvent(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
     association_uid: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Rule(Base):
+    """A routing rule's identity and current state; every change is a row in rule_versions."""
+
+    __tablename__ = "rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    current_version: Mapped[int] = mapped_column(Integer)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    removed: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RuleVersion(Base):
+    __tablename__ = "rule_versions"
+    __table_args__ = (UniqueConstraint("rule_id", "version", name="uq_rule_versions_rule_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(ForeignKey("rules.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))  # seed | add | edit | enable | disable | remove
+    definition: Mapped[str] = mapped_column(Text)  # the rule as YAML
+    author: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Job(Base):
+    """One pipeline run requested by one rule for one series (or the matching series of a study)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # Makes routing idempotent: one job per (rule, series or study content generation).
+    dedupe_key: Mapped[str] = mapped_column(String(512), unique=True)
+    level: Mapped[str] = mapped_column(String(8))
+    study_uid: Mapped[str] = mapped_column(String(128), index=True)
+    series_uids: Mapped[list[str]] = mapped_column(JSON)
+    series_generations: Mapped[list[int]] = mapped_column(JSON)
+    rule_name: Mapped[str] = mapped_column(String(64), index=True)
+    rule_version: Mapped[int] = mapped_column(Integer)
+    pipeline: Mapped[str] = mapped_column(String(64))
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    destinations: Mapped[list[str]] = mapped_column(JSON)
+    sender_ae: Mapped[str | None] = mapped_column(String(16))
+    sender_host: Mapped[str | None] = mapped_column(String(255))
+    lane: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -23,10 +23,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import events as ev
 from node.receive.fast_dul import FastAssociationServer, received_dataset
+from node.receive.header import HeaderError, InstanceHeader, read_header
 from node.receive.ingest import Carrier, Ingestor
 from node.receive.spool import OutOfSpace, Spool, TempFile
 from node.receive.status import Status
 from node.receive.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
+from node.receive.write_gate import WriteGate
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,38 +82,42 @@ def _peer(assoc: Any) -> tuple[str | None, int | None, str | None, str | None]:
     )
 
 
-def handle_accepted(event: Any, ingestor: Ingestor, carriers: CarrierTable, tls: bool) -> None:
+def handle_accepted(
+    event: Any, ingestor: Ingestor, carriers: CarrierTable, tls: bool, gate: WriteGate
+) -> None:
     assoc = event.assoc
     host, port, calling, _ = _peer(assoc)
     called = assoc.requestor.primitive.called_ae_title.strip() if assoc.requestor.primitive else None
-    carrier = ingestor.open_carrier(
-        "dimse", calling_ae=calling, called_ae=called, remote_host=host, remote_port=port, tls=tls
-    )
+    with gate.hold():
+        carrier = ingestor.open_carrier(
+            "dimse", calling_ae=calling, called_ae=called, remote_host=host, remote_port=port, tls=tls
+        )
     carriers.add(assoc, carrier)
     log.info("association %s accepted from %s@%s:%s", carrier.uid, calling, host, port)
 
 
-def _end(event: Any, ingestor: Ingestor, carriers: CarrierTable, how: str) -> None:
+def _end(event: Any, ingestor: Ingestor, carriers: CarrierTable, gate: WriteGate, how: str) -> None:
     tracked = carriers.pop(event.assoc)
     if tracked is None:
         return
-    ingestor.close_carrier(tracked.carrier, how, tracked.instances)
+    with gate.hold():
+        ingestor.close_carrier(tracked.carrier, how, tracked.instances)
     log.info("association %s %s after %d instance(s)", tracked.carrier.uid, how, tracked.instances)
 
 
-def handle_released(event: Any, ingestor: Ingestor, carriers: CarrierTable) -> None:
-    _end(event, ingestor, carriers, "released")
+def handle_released(event: Any, ingestor: Ingestor, carriers: CarrierTable, gate: WriteGate) -> None:
+    _end(event, ingestor, carriers, gate, "released")
 
 
-def handle_aborted(event: Any, ingestor: Ingestor, carriers: CarrierTable) -> None:
-    _end(event, ingestor, carriers, "aborted")
+def handle_aborted(event: Any, ingestor: Ingestor, carriers: CarrierTable, gate: WriteGate) -> None:
+    _end(event, ingestor, carriers, gate, "aborted")
 
 
-def handle_closed(event: Any, ingestor: Ingestor, carriers: CarrierTable) -> None:
-    _end(event, ingestor, carriers, "closed")
+def handle_closed(event: Any, ingestor: Ingestor, carriers: CarrierTable, gate: WriteGate) -> None:
+    _end(event, ingestor, carriers, gate, "closed")
 
 
-def handle_rejected(event: Any, ingestor: Ingestor, settings: Settings) -> None:
+def handle_rejected(event: Any, ingestor: Ingestor, settings: Settings, gate: WriteGate) -> None:
     assoc = event.assoc
     rq = assoc.requestor.primitive
     calling = (rq.calling_ae_title if rq else assoc.requestor.ae_title or "").strip()
@@ -124,6 +130,13 @@ def handle_rejected(event: Any, ingestor: Ingestor, settings: Settings) -> None:
         rsd = (0x01, 0x01, 0x07)
     text = REJECT_REASONS[rsd]
     log.warning("association from %s@%s rejected: %s", calling, assoc.requestor.address, text)
+    with gate.hold():
+        _audit_rejected(ingestor, assoc, calling, called, rsd, text)
+
+
+def _audit_rejected(
+    ingestor: Ingestor, assoc: Any, calling: str, called: str, rsd: tuple[int, int, int], text: str
+) -> None:
     ingestor.audit(
         ev.AssociationRejected(
             protocol="dimse",
@@ -163,7 +176,17 @@ def _spool_instance(event: Any, spool: Spool) -> TempFile:
         raise
 
 
-def handle_store(event: Any, ingestor: Ingestor, spool: Spool, carriers: CarrierTable) -> Dataset:
+def _header(temp: TempFile) -> InstanceHeader | None:
+    """Parse the header before taking the write gate; on failure ``Ingestor.store`` reports it."""
+    try:
+        return read_header(temp.path)
+    except HeaderError:
+        return None
+
+
+def handle_store(
+    event: Any, ingestor: Ingestor, spool: Spool, carriers: CarrierTable, gate: WriteGate
+) -> Dataset:
     """C-STORE: spool the encoded data set durably, record it, answer. No pixel decoding here."""
     tracked = carriers.get(event.assoc)
     if tracked is None:  # should not happen: EVT_ACCEPTED always precedes a C-STORE
@@ -177,27 +200,31 @@ def handle_store(event: Any, ingestor: Ingestor, spool: Spool, carriers: Carrier
     try:
         temp = _spool_instance(event, spool)
     except OutOfSpace as exc:
-        return _status(
-            ingestor.reject(
+        with gate.hold():
+            rejected = ingestor.reject(
                 tracked.carrier, Status.OUT_OF_RESOURCES, str(exc), sop_instance_uid=sop_uid
-            ).status,
-            "Out of resources: disk full",
-        )
+            )
+        return _status(rejected.status, "Out of resources: disk full")
     except Exception as exc:  # an unwritable spool must never take the listener down
         log.exception("cannot spool instance %s", sop_uid)
-        return _status(
-            ingestor.reject(
+        with gate.hold():
+            rejected = ingestor.reject(
                 tracked.carrier,
                 Status.OUT_OF_RESOURCES,
                 f"cannot write spool: {exc}",
                 sop_instance_uid=sop_uid,
-            ).status,
-            "Cannot write spool",
-        )
+            )
+        return _status(rejected.status, "Cannot write spool")
     try:
-        result = ingestor.store(
-            temp, tracked.carrier, expected_sop_instance_uid=sop_uid, expected_sop_class_uid=sop_class
-        )
+        header = _header(temp)
+        with gate.hold():
+            result = ingestor.store(
+                temp,
+                tracked.carrier,
+                expected_sop_instance_uid=sop_uid,
+                expected_sop_class_uid=sop_class,
+                header=header,
+            )
     except BaseException:
         spool.discard(temp)  # not acknowledged: leave nothing behind in incoming/
         raise
@@ -244,28 +271,36 @@ class DimseServer:
     """One pynetdicom acceptor on a socket (shared with sibling receiver processes when asked)."""
 
     def __init__(
-        self, settings: Settings, ingestor: Ingestor, spool: Spool, *, reuse_port: bool = False
+        self,
+        settings: Settings,
+        ingestor: Ingestor,
+        spool: Spool,
+        *,
+        reuse_port: bool = False,
+        warn_open: bool = True,
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.spool = spool
         self.reuse_port = reuse_port
         self.carriers = CarrierTable()
+        self.gate = WriteGate.for_database(settings.database_url)
         self.ae = build_ae(settings)
         self._server: Any = None
         self._thread: threading.Thread | None = None
-        if not settings.dimse.allowed_calling_aets:
+        if warn_open and not settings.dimse.allowed_calling_aets:
             log.warning("dimse.allowed_calling_aets is empty: any calling AE title may store instances")
 
     def handlers(self) -> list[Any]:
         tls = self.settings.dimse.tls.enabled
+        gate = self.gate
         return [
-            (evt.EVT_ACCEPTED, handle_accepted, [self.ingestor, self.carriers, tls]),
-            (evt.EVT_REJECTED, handle_rejected, [self.ingestor, self.settings]),
-            (evt.EVT_RELEASED, handle_released, [self.ingestor, self.carriers]),
-            (evt.EVT_ABORTED, handle_aborted, [self.ingestor, self.carriers]),
-            (evt.EVT_CONN_CLOSE, handle_closed, [self.ingestor, self.carriers]),
-            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.spool, self.carriers]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.ingestor, self.carriers, tls, gate]),
+            (evt.EVT_REJECTED, handle_rejected, [self.ingestor, self.settings, gate]),
+            (evt.EVT_RELEASED, handle_released, [self.ingestor, self.carriers, gate]),
+            (evt.EVT_ABORTED, handle_aborted, [self.ingestor, self.carriers, gate]),
+            (evt.EVT_CONN_CLOSE, handle_closed, [self.ingestor, self.carriers, gate]),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.spool, self.carriers, gate]),
         ]
 
     def start(self, port: int | None = None) -> tuple[str, int]:

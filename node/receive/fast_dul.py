@@ -128,7 +128,7 @@ class DatasetSink:
         self.path = spool.new_temp_path()
         try:
             spool.check_space(0)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
             meta = create_file_meta(
                 sop_class_uid=UID(sop_class_uid),
                 sop_instance_uid=UID(sop_instance_uid),
@@ -503,11 +503,13 @@ class FastAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
 
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
+                # EVT_RELEASED first, then the A-RELEASE-RP: the DUL closes the connection as soon
+                # as the response is out (EVT_CONN_CLOSE), and a release must be handled as one.
                 log.debug("association released")
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
+                self.acse.send_release(is_response=True)
                 self.kill()
                 return
 

@@ -1,0 +1,1 @@
+"""Routing: declarative rules decide which completed series go to which pipeline."""
