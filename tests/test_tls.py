@@ -114,10 +114,8 @@ def test_dcmtk_storescu_over_tls(tls_node: RunningNode, pki: Path, tmp_path: Pat
         "127.0.0.1", str(tls_node.dimse_port), *map(str, paths),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
-    if (
-        "unrecognized option" in proc.stderr.lower()
-        or ("+tls" in proc.stderr
-        and "unknown" in proc.stderr.lower())
+    if "unrecognized option" in proc.stderr.lower() or (
+        "+tls" in proc.stderr and "unknown" in proc.stderr.lower()
     ):
         pytest.skip("this DCMTK build has no TLS support")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -12,7 +12,9 @@ destinations_app = typer.Typer(no_args_is_help=True, help="Result destinations (
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."),
+    typer.Option(
+        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
+    ),
 ]
 
 
@@ -25,10 +27,17 @@ def destinations_list(
 
     settings = settings_from(config)
     rows = [
-        {"name": "sender", "type": "reply", "target": "the calling AE / host that sent the study", "description": ""}
+        {
+            "name": "sender",
+            "type": "reply",
+            "target": "the calling AE / host that sent the study",
+            "description": "",
+        }
     ]
     for name, d in sorted(settings.destinations.items()):
-        target = f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}" if d.type == "dimse" else str(d.url)
+        target = (
+            f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}" if d.type == "dimse" else str(d.url)
+        )
         rows.append({"name": name, "type": d.type, "target": target, "description": d.description})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

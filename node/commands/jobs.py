@@ -13,7 +13,9 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Jobs: pipeline runs requested
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."),
+    typer.Option(
+        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 STATES = ("queued", "running", "written", "dispatching", "done", "failed", "cancelled", "superseded")
@@ -45,7 +47,9 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 @jobs_app.command("list")
 def jobs_list(
-    state: Annotated[str | None, typer.Option("--state", help=f"Only jobs in this state: {', '.join(STATES)}.")] = None,
+    state: Annotated[
+        str | None, typer.Option("--state", help=f"Only jobs in this state: {', '.join(STATES)}.")
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -68,7 +72,8 @@ def jobs_list(
         typer.echo("no jobs" + (f" in state {state}" if state else ""))
     for j in jobs:
         typer.echo(
-            f"{j['id']:>5}  {j['state']:<11} {j['lane']:<8} {j['rule']} v{j['rule_version']} -> {j['pipeline']}  "
+            f"{j['id']:>5}  {j['state']:<11} {j['lane']:<8} {j['rule']} v{j['rule_version']} "
+            f"-> {j['pipeline']}  "
             f"{j['level']} {', '.join(j['series_uids'])}  {j['created_at']}"
         )
 
@@ -85,12 +90,18 @@ def jobs_show(
 
     db = _open_db(settings_from(config))
     with db.sessions() as s:
-        q = select(Job).where(Job.id == int(job_id)) if job_id.isdigit() else select(Job).where(Job.uid == job_id)
+        q = (
+            select(Job).where(Job.id == int(job_id))
+            if job_id.isdigit()
+            else select(Job).where(Job.uid == job_id)
+        )
         job = s.scalar(q)
         if job is None:
             fail(f"no job {job_id!r}; see 'segnode jobs list'", 1)
         data = _job_dict(job)
-        trail = s.scalars(select(AuditEvent).where(AuditEvent.event_type.like("job.%")).order_by(AuditEvent.id)).all()
+        trail = s.scalars(
+            select(AuditEvent).where(AuditEvent.event_type.like("job.%")).order_by(AuditEvent.id)
+        ).all()
         data["events"] = [
             {"at": e.at.isoformat(), "event": e.event_type, "details": e.details}
             for e in trail

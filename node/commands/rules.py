@@ -16,7 +16,7 @@ from sqlalchemy import select
 from node.route.evaluate import RuleResult, evaluate_all
 from node.route.facts import SeriesFacts, compute_facts, read_headers
 from node.route.own_outputs import own_output_reason
-from node.route.rules import Rule, RuleError
+from node.route.rules import Rule, RuleError, RuleFileError
 from node.route.store import RuleStore, RuleStoreError, default_author, default_rule_texts
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which pipeline.")
@@ -46,7 +46,7 @@ def _guard(fn: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (RuleError, RuleStoreError) as exc:
+        except (RuleError, RuleStoreError, RuleFileError) as exc:
             _fail(str(exc))
 
     return wrapper
@@ -69,7 +69,9 @@ def _summary(rule: Rule, version: int) -> dict[str, Any]:
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."),
+    typer.Option(
+        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
+    ),
 ]
 
 
@@ -191,7 +193,9 @@ def _group_files(paths: list[Path]) -> tuple[dict[str, list[Dataset]], list[str]
             files.append(p)
         else:
             problems.append(f"{p}: no such file or folder")
-    headers = read_headers(files, on_error=lambda f, e: problems.append(f"{f}: not DICOM ({e.splitlines()[0]})"))
+    headers = read_headers(
+        files, on_error=lambda f, e: problems.append(f"{f}: not DICOM ({e.splitlines()[0]})")
+    )
     grouped: dict[str, list[Dataset]] = defaultdict(list)
     for h in headers:
         grouped[str(h.get("SeriesInstanceUID", "") or "")].append(h)
@@ -200,14 +204,17 @@ def _group_files(paths: list[Path]) -> tuple[dict[str, list[Dataset]], list[str]
 
 def _rules_for_test(config: Path | None, rules_file: list[Path] | None) -> list[Rule]:
     from node.cli import settings_from
+    from node.route.rules import load_rule_documents, parse_rule
     from node.route.store import known_pipelines
-    from node.route.rules import parse_rule, load_rule_documents
 
     settings = settings_from(config)
     dests = list(settings.destinations)
 
     def parse_text(text: str, source: str) -> list[Rule]:
-        return [parse_rule(d, pipelines=known_pipelines(), destinations=dests) for d in load_rule_documents(text, source)]
+        return [
+            parse_rule(d, pipelines=known_pipelines(), destinations=dests)
+            for d in load_rule_documents(text, source)
+        ]
 
     if rules_file:
         out: list[Rule] = []
@@ -262,9 +269,12 @@ def _series_report(key: str, facts: SeriesFacts, results: list[RuleResult], expl
 def rules_test(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders.")],
     config: ConfigOpt = None,
-    explain: Annotated[bool, typer.Option("--explain", help="Show every condition, value found and why.")] = False,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show every condition, value found and why.")
+    ] = False,
     rules_file: Annotated[
-        list[Path] | None, typer.Option("--rules", help="Test these rule files/folders instead of the node's.")
+        list[Path] | None,
+        typer.Option("--rules", help="Test these rule files/folders instead of the node's."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -277,7 +287,9 @@ def rules_test(
         results = evaluate_all(rules, facts)
         reports.append((facts, results, _series_report(key, facts, results, explain)))
     if as_json:
-        typer.echo(json.dumps({"series": [r[2] for r in reports], "problems": problems}, indent=2, default=str))
+        typer.echo(
+            json.dumps({"series": [r[2] for r in reports], "problems": problems}, indent=2, default=str)
+        )
         return
     for p in problems:
         typer.echo(f"skipped {p}")
@@ -343,7 +355,9 @@ def rules_backtest(
             paths = latest_instance_paths(s, series.id, settings.spool_dir)
             headers = read_headers(paths)
             if not headers:
-                out.append({"series_uid": series.series_uid, "study_uid": study_uid, "error": "no readable instance"})
+                out.append(
+                    {"series_uid": series.series_uid, "study_uid": study_uid, "error": "no readable instance"}
+                )
                 continue
             facts = compute_facts(headers)
             results = evaluate_all(rules, facts)
@@ -364,8 +378,13 @@ def rules_backtest(
     if not out:
         typer.echo(f"no series received in the last {since}")
     for row in out:
-        match = ", ".join(row.get("would_match") or []) or ("error: " + row["error"] if "error" in row else "no rule")
-        typer.echo(f"{row['series_uid']}  {row.get('modality') or '-':<3} {row.get('series_description') or ''!r} -> {match}")
+        match = ", ".join(row.get("would_match") or []) or (
+            "error: " + row["error"] if "error" in row else "no rule"
+        )
+        typer.echo(
+            f"{row['series_uid']}  {row.get('modality') or '-':<3} "
+            f"{row.get('series_description') or ''!r} -> {match}"
+        )
 
 
 def register(app: typer.Typer) -> None:

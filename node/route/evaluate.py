@@ -129,7 +129,9 @@ def _evaluate_condition(cond: Condition, facts: SeriesFacts) -> Explanation:
     if cond.op == "in":
         flat = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]
         held = any(_same(v, w, cond.ignore_case) for v in flat for w in cond.operand)
-        return Explanation(text, held, shown, "one of the listed values" if held else "not among the listed values")
+        return Explanation(
+            text, held, shown, "one of the listed values" if held else "not among the listed values"
+        )
     if cond.op == "contains":
         flat = _flatten(values)
         held = any(_same(v, cond.operand, cond.ignore_case) for v in flat)

@@ -7,8 +7,9 @@ facts are computed over every instance of the series:
 - ``slice_count``: distinct slice positions along the slice normal
 - ``orientation``: axial / sagittal / coronal / oblique from ImageOrientationPatient
 - ``slice_spacing``: median distance between neighbouring slice positions (mm)
-- ``temporal_positions`` (alias ``phases``): distinct temporal positions (TemporalPositionIdentifier,
-  else TriggerTime, else NumberOfTemporalPositions / CardiacNumberOfImages as declared)
+- ``temporal_positions`` (alias ``phases``): distinct TemporalPositionIdentifier values, else images
+  per slice position, else distinct TemporalPositionIndex of multi-frame images, else
+  NumberOfTemporalPositions / CardiacNumberOfImages as declared
 - ``modality``, ``sop_class`` (SOP Class UID), ``manufacturer``
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -76,13 +78,14 @@ def orientation_of(iop: Sequence[float] | None) -> str | None:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def _temporal(headers: Sequence[Dataset]) -> int | None:
+def _temporal(headers: Sequence[Dataset], per_position: int) -> int | None:
     ids = {h.get("TemporalPositionIdentifier") for h in headers} - {None, ""}
     if len(ids) > 1:
         return len(ids)
-    triggers = {h.get("TriggerTime") for h in headers} - {None, ""}
-    if len(triggers) > 1:
-        return len(triggers)
+    if per_position > 1:
+        # single-frame cine: every slice position holds one image per phase (trigger times differ
+        # slightly between slices, so counting distinct TriggerTime values would overcount)
+        return per_position
     frames = set()
     for h in headers:
         for f in h.get("PerFrameFunctionalGroupsSequence", []) or []:
@@ -138,13 +141,14 @@ def compute_facts(headers: Sequence[Dataset]) -> SeriesFacts:
     first = ordered[0]
     iop = next((v for v in (_iop(h) for h in ordered) if v is not None), None)
     normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:])) if iop else None
-    distances: set[float] = set()
+    per_position: dict[float, int] = {}
     if normal is not None:
         for h in ordered:
             for pos in _positions(h):
-                distances.add(round(float(np.dot(normal, pos)), 3))
-    sorted_d = sorted(distances)
-    gaps = [b - a for a, b in zip(sorted_d, sorted_d[1:], strict=False)]
+                key = round(float(np.dot(normal, pos)), 2)
+                per_position[key] = per_position.get(key, 0) + 1
+    sorted_d = sorted(per_position)
+    gaps = [b - a for a, b in pairwise(sorted_d)]
     frames = 0
     for h in ordered:
         try:
@@ -157,7 +161,7 @@ def compute_facts(headers: Sequence[Dataset]) -> SeriesFacts:
         "slice_count": len(sorted_d) or None,
         "orientation": orientation_of(iop),
         "slice_spacing": round(median(gaps), 3) if gaps else None,
-        "temporal_positions": _temporal(ordered),
+        "temporal_positions": _temporal(ordered, max(per_position.values(), default=0)),
         "modality": (str(first.get("Modality") or "").strip() or None),
         "sop_class": (str(first.get("SOPClassUID") or "").strip() or None),
         "manufacturer": (str(first.get("Manufacturer") or "").strip() or None),

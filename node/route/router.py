@@ -55,7 +55,8 @@ def latest_instance_paths(s: Session, series_id: int, spool_root: Path) -> list[
         .subquery()
     )
     rows = s.execute(
-        select(Instance.path).join(
+        select(Instance.path)
+        .join(
             latest,
             (Instance.sop_instance_uid == latest.c.sop_instance_uid) & (Instance.version == latest.c.v),
         )
@@ -261,7 +262,9 @@ class Router:
             candidates = []
             for each in studies:
                 series = s.scalars(select(Series).where(Series.study_id == each.id).order_by(Series.id)).all()
-                if not series or any(x.state != "complete" or x.routed_generation < x.generation for x in series):
+                if not series or any(
+                    x.state != "complete" or x.routed_generation < x.generation for x in series
+                ):
                     continue
                 last = max(_aware(x.last_received_at) for x in series)
                 if now - last < self.quiet:
@@ -314,7 +317,9 @@ class Router:
                 if not made:
                     record(
                         s,
-                        ev.RouteNoMatch(study_uid=study.study_uid, level="study", generation=0, reasons=reasons),
+                        ev.RouteNoMatch(
+                            study_uid=study.study_uid, level="study", generation=0, reasons=reasons
+                        ),
                     )
                 study.routed_fingerprint = fingerprint
         return created

@@ -54,6 +54,10 @@ SENDER = "sender"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+class RuleFileError(ValueError):
+    """A rules file that cannot be read as YAML."""
+
+
 class RuleError(ValueError):
     """An invalid rule: names the rule, the path of the offending field, and what is allowed."""
 
@@ -185,7 +189,9 @@ def _parse_condition(rule: str, path: str, data: Mapping[str, Any]) -> Condition
     else:
         fact = data["fact"]
         if fact not in FACTS:
-            raise RuleError(rule, f"{path}.fact", f"unknown fact {fact!r}; allowed: {_allowed(sorted(FACTS))}")
+            raise RuleError(
+                rule, f"{path}.fact", f"unknown fact {fact!r}; allowed: {_allowed(sorted(FACTS))}"
+            )
     pattern: re.Pattern[str] | None = None
     op_path = f"{path}.{op}"
     if op in ("exists", "missing"):
@@ -219,9 +225,10 @@ def _parse_condition(rule: str, path: str, data: Mapping[str, Any]) -> Condition
         if lo is not None and hi is not None and lo > hi:
             raise RuleError(rule, op_path, f"min {lo} is greater than max {hi}")
         operand = Range(lo, hi, operand.get("min_inclusive", True), operand.get("max_inclusive", True))
-    elif op in ("equals", "contains"):
-        if isinstance(operand, dict) or operand is None or (op == "contains" and isinstance(operand, list)):
-            raise RuleError(rule, op_path, f"{op!r} takes plain text or a number, not {operand!r}")
+    elif op in ("equals", "contains") and (
+        isinstance(operand, dict) or operand is None or (op == "contains" and isinstance(operand, list))
+    ):
+        raise RuleError(rule, op_path, f"{op!r} takes plain text or a number, not {operand!r}")
     return Condition(path, attribute, fact, op, operand, ignore_case, pattern)
 
 
@@ -255,7 +262,9 @@ def parse_rule(
     name = data.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise RuleError(
-            str(name), "name", "required: 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            str(name),
+            "name",
+            "required: 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit",
         )
     unknown = [k for k in data if k not in RULE_KEYS]
     if unknown:
@@ -288,7 +297,9 @@ def parse_rule(
         raise RuleError(name, f"pipeline.{bad[0]}", "unknown key; allowed: name, parameters")
     if pipe["name"] not in pipelines:
         raise RuleError(
-            name, "pipeline.name", f"unknown pipeline {pipe['name']!r}; allowed: {_allowed(sorted(pipelines))}"
+            name,
+            "pipeline.name",
+            f"unknown pipeline {pipe['name']!r}; allowed: {_allowed(sorted(pipelines))}",
         )
     parameters = pipe.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -300,7 +311,9 @@ def parse_rule(
     for i, dest in enumerate(dests):
         if dest not in allowed_dests:
             raise RuleError(
-                name, f"destinations[{i}]", f"unknown destination {dest!r}; allowed: {_allowed(allowed_dests)}"
+                name,
+                f"destinations[{i}]",
+                f"unknown destination {dest!r}; allowed: {_allowed(allowed_dests)}",
             )
     return Rule(
         name=name,
@@ -322,7 +335,10 @@ def load_rule_documents(text: str, source: str) -> list[Any]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise RuleError("?", source, f"not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RuleFileError(f"{source}: not valid YAML{where}: {problem}") from None
     out: list[Any] = []
     for doc in docs:
         out.extend(doc if isinstance(doc, list) else [doc])

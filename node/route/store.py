@@ -36,7 +36,9 @@ def known_pipelines() -> list[str]:
 
 def default_rule_texts() -> list[tuple[str, str]]:
     folder = resources.files("node.route").joinpath("default_rules")
-    return sorted((p.name, p.read_text(encoding="utf-8")) for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        (p.name, p.read_text(encoding="utf-8")) for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 class RuleStoreError(ValueError):
@@ -115,7 +117,9 @@ class RuleStore:
                     out.append(self._current(s, row))
                 except RuleError as exc:
                     # e.g. a destination removed from the config since: listed, never evaluated
-                    raise RuleStoreError(f"stored rule {row.name!r} v{row.current_version} is now invalid: {exc}")
+                    raise RuleStoreError(
+                        f"stored rule {row.name!r} v{row.current_version} is now invalid: {exc}"
+                    ) from None
             return out
 
     def active(self) -> list[Rule]:
@@ -168,7 +172,13 @@ class RuleStore:
                     f"use 'segnode rules edit {rule.name} FILE'"
                 )
             if row is None:
-                row = RuleRow(name=rule.name, current_version=0, enabled=rule.enabled, removed=False, updated_at=utcnow())
+                row = RuleRow(
+                    name=rule.name,
+                    current_version=0,
+                    enabled=rule.enabled,
+                    removed=False,
+                    updated_at=utcnow(),
+                )
                 s.add(row)
                 s.flush()
             return self._write(s, row, rule, action, author)
@@ -176,7 +186,8 @@ class RuleStore:
     def edit(self, name: str, rule: Rule, author: str) -> int:
         if rule.name != name:
             raise RuleStoreError(
-                f"the file defines rule {rule.name!r}, not {name!r}; a rule keeps its name (add a new one instead)"
+                f"the file defines rule {rule.name!r}, not {name!r}; "
+                "a rule keeps its name (add a new one instead)"
             )
         with self.sessions.begin() as s:
             row = self._row(s, name)
