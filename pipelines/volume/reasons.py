@@ -21,6 +21,7 @@ class Reason(StrEnum):
     UNDECODABLE_PIXEL_DATA = "undecodable_pixel_data"
     NO_GEOMETRY = "no_geometry"
     INVALID_GEOMETRY = "invalid_geometry"
+    MIXED_SERIES = "mixed_series"
     MIXED_SIZES = "mixed_sizes"
     MIXED_PIXEL_SPACING = "mixed_pixel_spacing"
     MIXED_ORIENTATIONS = "mixed_orientations"
