@@ -29,7 +29,7 @@ def _instances(node: RunningNode) -> dict[str, Instance]:
 def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int) -> None:
     storage = tmp_path / "st"
     running = start_node(storage)
-    spec = SeriesSpec(n=400, size=96)
+    spec = SeriesSpec(n=250, size=96)
     datasets = ct_series(spec)
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -50,7 +50,7 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int) -> Non
 
     thread = threading.Thread(target=sender)
     thread.start()
-    target = random.Random(seed).randint(20, 120)
+    target = random.Random(seed).randint(20, 100)
     wait_for(lambda: len(acknowledged) >= target, timeout=120, what=f"{target} acknowledged instances")
     os.kill(running.proc.pid, signal.SIGKILL)
     running.proc.wait(timeout=30)
