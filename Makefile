@@ -26,10 +26,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres,pipelines]'
 	touch $(STAMP)
 
+# OHIF's DICOM-SEG reader (@cornerstonejs/adapters) for the SEG read-back tests.
+JS_STAMP := tests/js/node_modules/.package-lock.json
+
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund
+
 demo: system-deps $(STAMP)
 	$(BIN)/segnode serve $(if $(CONFIG),--config $(CONFIG),)
 
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) $(JS_STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -45,4 +51,4 @@ bench-ingest: system-deps $(STAMP)
 	$(BIN)/python bench/ingest.py
 
 clean:
-	rm -rf $(VENV) segnode-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) segnode-data .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules
