@@ -15,6 +15,7 @@ import typer
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from node.cli_options import ConfigOpt, JsonOpt
 from node.settings import ConfigError, Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="segnode: DICOM-native AI node.")
@@ -24,14 +25,6 @@ studies_app = typer.Typer(no_args_is_help=True, help="Studies received.")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(studies_app, name="studies")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-destinations_app = typer.Typer(no_args_is_help=True, help="Result destinations (from the configuration).")
+from node.cli_options import ConfigOpt
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
-    ),
-]
+destinations_app = typer.Typer(no_args_is_help=True, help="Result destinations (from the configuration).")
 
 
 @destinations_app.command("list")

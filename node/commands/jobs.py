@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
 
+from node.cli_options import ConfigOpt, JsonOpt
+
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs: pipeline runs requested by the rules.")
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 STATES = ("queued", "running", "written", "dispatching", "done", "failed", "cancelled", "superseded")
 
 

@@ -13,6 +13,7 @@ import typer
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from node.cli_options import ConfigOpt, JsonOpt
 from node.route.evaluate import RuleResult, evaluate_all
 from node.route.facts import SeriesFacts, compute_facts, read_headers
 from node.route.own_outputs import own_output_reason
@@ -21,7 +22,6 @@ from node.route.store import RuleStore, RuleStoreError, default_author, default_
 
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules: which series go to which pipeline.")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 AuthorOpt = Annotated[str | None, typer.Option("--author", help="Who makes the change (default: OS user).")]
 
 
@@ -65,14 +65,6 @@ def _summary(rule: Rule, version: int) -> dict[str, Any]:
         "priority_lane": rule.priority_lane,
         "description": rule.description,
     }
-
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="YAML config file (default: $SEGNODE_CONFIG, else embedded defaults)."
-    ),
-]
 
 
 @rules_app.command("list")
