@@ -26,7 +26,7 @@ PIPELINES: dict[str, PipelineInfo] = {
         PipelineInfo(
             "mri-cardiac",
             "pipelines.mri_cardiac.pipeline:MriCardiacPipeline",
-            "RV, LV myocardium and LV on cine short-axis MRI at ED and ES: DICOM-SEGs and an SR with function.",
+            "RV, LV myocardium and LV on cine short-axis MRI at ED and ES: SEGs and an SR with function.",
         ),
     )
 }

@@ -160,17 +160,20 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return ds
 
 
-def _spool_instance(event: Any, spool: Spool) -> TempFile:
-    """The received data set as a fsynced temp file under incoming/ (raises OutOfSpace, OSError)."""
+def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader | None]:
+    """The received data set as a fsynced temp file under incoming/, and its header when already parsed.
+
+    Raises OutOfSpace or OSError; nothing is left in incoming/ then.
+    """
     received = received_dataset(event)
     if received is None:  # not streamed by the fast receive path: the data set is in memory
         payload = event.encoded_dataset()
-        return spool.write_temp((payload,), size_hint=len(payload))
+        return spool.write_temp((payload,), size_hint=len(payload)), None
     try:
         if received.error is not None:
             raise received.error
         spool.check_space(0)  # as write_temp: what stays free after the instance is written
-        return spool.adopt_temp(received.path)
+        return spool.adopt_temp(received.path), received.header
     except BaseException:
         spool.discard(received.path)
         raise
@@ -198,7 +201,7 @@ def handle_store(
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     sop_class = str(request.AffectedSOPClassUID or "")
     try:
-        temp = _spool_instance(event, spool)
+        temp, header = _spool_instance(event, spool)
     except OutOfSpace as exc:
         with gate.hold():
             rejected = ingestor.reject(
@@ -216,7 +219,8 @@ def handle_store(
             )
         return _status(rejected.status, "Cannot write spool")
     try:
-        header = _header(temp)
+        if header is None:
+            header = _header(temp)
         with gate.hold():
             result = ingestor.store(
                 temp,

@@ -7,35 +7,44 @@ pynetdicom's acceptor spends most of a C-STORE's time outside the handler:
   every response waits out one or more of those sleeps;
 - ``AssociationSocket.recv`` reads 4096 bytes per call into a growing ``bytearray``; a P-DATA PDU
   is then copied into ``bytes``, into PDV items, into the message's ``BytesIO`` and finally twice
-  more by ``Event.encoded_dataset()``, so a data set is copied five times and lives in memory
-  several times over (a 500 MB instance costs gigabytes).
+  more by ``Event.encoded_dataset()``: a data set is copied five times and lives in memory several
+  times over (a 500 MB instance costs a gigabyte);
+- command sets, the file meta and responses are built as pydicom ``Dataset`` objects and encoded or
+  decoded by pydicom: about 2.5 ms per C-STORE on a slow core.
 
 The subclasses here keep pynetdicom's association negotiation, state machine, service classes and
-event handlers, and change only the hot path:
+event handlers, and change the hot path only:
 
-- :class:`FastDUL` waits on the socket and on a wake-up pipe (no sleeping), so requests and
-  responses move as soon as they can; a P-DATA-TF PDU received in data transfer (Sta6) is parsed
-  straight off the socket: command fragments go to the DIMSE provider as before, C-STORE data set
-  fragments are received with ``recv_into`` into one reusable buffer and written straight into a
-  temp file under the spool's ``incoming/`` folder (:class:`DatasetSink`), so an instance of any size
-  never sits in memory and is never copied in user space.
-- :class:`FastDIMSE` opens that file when a C-STORE request's command set is complete and records
-  the outcome (:class:`ReceivedDataset`) for the handler, which takes it with
+- :class:`FastDUL` waits in ``poll`` on the socket and on a wake-up pipe (no sleeping). A P-DATA-TF
+  PDU received in data transfer (Sta6) is parsed straight off the socket: command fragments go to
+  the DIMSE provider, C-STORE data set fragments are received with ``recv_into`` into one reusable
+  buffer and written straight into a temp file under the spool's ``incoming/`` folder
+  (:class:`DatasetSink`), so an instance of any size never sits in memory and is not copied in
+  user space. A C-STORE response in Sta6 is sent from the association thread itself.
+- :class:`FastDIMSE` decodes C-STORE requests and encodes C-STORE responses directly
+  (``node.receive.store_codec``; anything unusual goes to pynetdicom's codec), opens the data set
+  file and records the outcome (:class:`ReceivedDataset`, with the header when it could be parsed
+  from the first bytes while the rest arrived) for the handler, which takes it with
   :func:`received_dataset` and hands the file to ``Spool.adopt_temp``.
 - :class:`FastAssociation` runs pynetdicom's acceptor reactor loop, but waits on an event set by
   the DUL and DIMSE queues instead of sleeping 1 ms per loop.
 - :class:`FastAssociationServer` (with :class:`FastRequestHandler`) creates these associations and
   can share its port with sibling processes (``SO_REUSEPORT``).
 
-Differences from stock pynetdicom, all on the fast P-DATA path only: ``EVT_DATA_RECV`` and
-``EVT_PDU_RECV`` are not triggered for P-DATA-TF PDUs received in Sta6 (nothing in segnode binds
-them), and pynetdicom's standard logging handlers are bound only when the ``pynetdicom`` logger is
-enabled for DEBUG.
+Differences from stock pynetdicom: ``EVT_DATA_RECV`` and ``EVT_PDU_RECV`` are not triggered for
+P-DATA-TF PDUs received in Sta6, nor ``EVT_PDU_SENT``/``EVT_DATA_SENT`` for C-STORE responses sent
+directly; ``EVT_DIMSE_RECV``/``EVT_DIMSE_SENT`` are skipped only while no handler is bound to them
+(pynetdicom's standard logging handlers are bound only when the ``pynetdicom`` logger is enabled for
+DEBUG). ``EVT_RELEASED`` is triggered before the A-RELEASE-RP is sent and ``EVT_REJECTED`` before the
+A-ASSOCIATE-RJ is sent: with a reactor that no longer dawdles, the peer would otherwise see the
+connection end (and the node record ``EVT_CONN_CLOSE``) before the release or rejection is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
 import queue
@@ -43,6 +52,7 @@ import select
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydicom.uid import UID
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -61,13 +71,16 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.receive.header import InstanceHeader, read_header
 from node.receive.spool import OutOfSpace, Spool
+from node.receive.store_codec import decode_c_store_rq, encode_c_store_rsp
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
@@ -76,6 +89,8 @@ log = logging.getLogger(__name__)
 
 #: Size of the per-association receive buffer that data set fragments pass through.
 CHUNK_BYTES = 1024 * 1024
+#: How much of a data set is kept in memory to parse its header while the rest arrives.
+HEADER_PROBE_BYTES = 64 * 1024
 #: Largest PDU read whole into memory (any PDU the fast path does not stream); larger ones abort.
 MAX_BUFFERED_PDU = 64 * 1024 * 1024
 #: How long the reactors wait before re-checking timers when nothing happens, seconds.
@@ -84,7 +99,11 @@ IDLE_WAIT = 0.1
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
 _P_DATA_TF = 0x04
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _VALID_PDU_TYPES = frozenset(range(0x01, 0x08))
+
+_IMPLEMENTATION_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
+_IMPLEMENTATION_VERSION = str(PYNETDICOM_IMPLEMENTATION_VERSION)
 
 T = TypeVar("T")
 
@@ -116,31 +135,94 @@ class ReceivedDataset:
     path: Path
     size: int
     error: Exception | None = None
+    header: InstanceHeader | None = None  # parsed while receiving, when that was provably complete
+
+
+def _element(tag: bytes, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length (UI, SH)."""
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the file meta group that pynetdicom's ``Event.encoded_dataset()`` writes.
+
+    The same bytes as ``encode_file_meta(create_file_meta(...))`` from ``pynetdicom.dsutils``, encoded
+    here directly because pydicom takes about a millisecond per instance for these seven elements.
+    """
+    try:
+        uids = [
+            v.encode("ascii") for v in (sop_class_uid, sop_instance_uid, transfer_syntax, _IMPLEMENTATION_UID)
+        ]
+        version = _IMPLEMENTATION_VERSION.encode("ascii")
+    except UnicodeEncodeError:
+        uids = []
+    if not uids or max(len(u) for u in uids) > 0xFFF0 or len(version) > 16:
+        meta = create_file_meta(
+            sop_class_uid=UID(sop_class_uid),
+            sop_instance_uid=UID(sop_instance_uid),
+            transfer_syntax=UID(transfer_syntax),
+        )
+        return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+    padded = [u + b"\x00" if len(u) % 2 else u for u in uids]
+    body = b"".join(
+        (
+            b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # (0002,0001) version 00\01
+            _element(b"\x02\x00\x02\x00", b"UI", padded[0]),  # Media Storage SOP Class UID
+            _element(b"\x02\x00\x03\x00", b"UI", padded[1]),  # Media Storage SOP Instance UID
+            _element(b"\x02\x00\x10\x00", b"UI", padded[2]),  # Transfer Syntax UID
+            _element(b"\x02\x00\x12\x00", b"UI", padded[3]),  # Implementation Class UID
+            _element(b"\x02\x00\x13\x00", b"SH", version + b" " * (len(version) % 2)),  # version name
+        )
+    )
+    group_length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<L", len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 class DatasetSink:
-    """Writes one C-STORE data set, with preamble and file meta, to a new temp file under incoming/."""
+    """Writes one C-STORE data set, with preamble and file meta, to a new temp file under incoming/.
+
+    It also parses the instance header (``read_header``) from the first HEADER_PROBE_BYTES as soon as
+    they are in, while the rest of the data set is still arriving, and keeps it only when the parse
+    provably saw every attribute a parse of the whole file would: it stopped at a top-level Pixel Data
+    element inside the probe, or the probe holds the whole data set. Otherwise ``header`` stays None
+    and the file is parsed as usual.
+    """
 
     def __init__(self, spool: Spool, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
         self.error: Exception | None = None
         self.size = 0
+        self.header: InstanceHeader | None = None
         self._fd = -1
-        self.path = spool.new_temp_path()
+        self._probe: bytearray | None = None
+        try:
+            # As Spool.new_temp_path() names them, keeping the descriptor open.
+            self._fd, name = tempfile.mkstemp(dir=spool.incoming, suffix=".part")
+            self.path = Path(name)
+        except OSError as exc:
+            self.path = spool.incoming / f"unwritten-{os.getpid()}-{id(self):x}.part"
+            self._fail(exc)
+            return
         try:
             spool.check_space(0)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-            meta = create_file_meta(
-                sop_class_uid=UID(sop_class_uid),
-                sop_instance_uid=UID(sop_instance_uid),
-                transfer_syntax=UID(transfer_syntax),
-            )
-            self.write(memoryview(b"\x00" * 128 + b"DICM" + encode_file_meta(meta)))
+            prefix = part10_header(sop_class_uid, sop_instance_uid, transfer_syntax)
+            self._write(memoryview(prefix))
         except Exception as exc:
             self._fail(exc)
+            return
+        self._probe = bytearray(prefix)
+        self._probe_limit = len(prefix) + HEADER_PROBE_BYTES
 
     def write(self, data: memoryview) -> None:
         if self.error is not None:
             return  # already failed: the rest of the data set is drained and dropped
+        self._write(data)
+        probe = self._probe
+        if probe is not None:
+            probe += data[: self._probe_limit - len(probe)]
+            if len(probe) >= self._probe_limit:
+                self._parse_probe(complete=False)
+
+    def _write(self, data: memoryview) -> None:
         try:
             while data:
                 written = os.write(self._fd, data)
@@ -149,10 +231,24 @@ class DatasetSink:
         except OSError as exc:
             self._fail(exc)
 
+    def _parse_probe(self, complete: bool) -> None:
+        probe, self._probe = self._probe, None
+        if probe is None or self.error is not None:
+            return
+        fh = io.BytesIO(probe)
+        try:
+            header = read_header(fh)
+        except Exception:  # anything odd: the handler parses the file and reports it
+            return
+        if not complete and probe[fh.tell() : fh.tell() + 4] != _PIXEL_DATA_TAG:
+            return  # the parse ran out of probe before Pixel Data: it may have missed attributes
+        self.header = header
+
     def _fail(self, exc: Exception) -> None:
-        if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             exc = OutOfSpace(f"disk full while writing to {self.path.parent}: {exc.strerror}")
         self.error = exc
+        self._probe = None
         self._close_fd()
         self.path.unlink(missing_ok=True)
 
@@ -166,16 +262,27 @@ class DatasetSink:
                     self._fail(exc)
 
     def finish(self) -> ReceivedDataset:
+        if self._probe is not None:
+            self._parse_probe(complete=True)
         self._close_fd()
-        return ReceivedDataset(self.path, self.size, self.error)
+        if self.error is not None:
+            self.header = None
+        return ReceivedDataset(self.path, self.size, self.error, self.header)
 
     def discard(self) -> None:
+        self._probe = None
         self._close_fd()
         self.path.unlink(missing_ok=True)
 
 
 class FastDIMSE(DIMSEServiceProvider):
-    """DIMSE provider that has C-STORE data sets streamed to a file instead of kept in memory."""
+    """DIMSE provider that has C-STORE data sets streamed to a file instead of kept in memory.
+
+    A C-STORE request's command set is decoded, and a C-STORE response's encoded, by
+    ``node.receive.store_codec`` when nothing is bound to ``EVT_DIMSE_RECV`` / ``EVT_DIMSE_SENT``
+    (pynetdicom binds its logging handlers there only when its logger is at DEBUG); anything else goes
+    through pynetdicom's own DIMSE message classes.
+    """
 
     def __init__(self, assoc: FastAssociation, spool: Spool) -> None:
         super().__init__(assoc)
@@ -183,22 +290,32 @@ class FastDIMSE(DIMSEServiceProvider):
         self._spool = spool
         self._sink: DatasetSink | None = None
         self._sink_context: int | None = None
+        self._pending: C_STORE | None = None  # decoded here, waiting for its data set
         self._received: dict[Path, ReceivedDataset] = {}
         self._lock = threading.Lock()
 
     # -- called by FastDUL (DUL thread) ---------------------------------------------------------------
     def command_fragment(self, context_id: int, control: int, data: bytes) -> None:
-        """A command PDV: assembled and decoded by pynetdicom, as a P-DATA-TF would be."""
+        """A command PDV: a C-STORE request is decoded here, anything else by pynetdicom."""
         if self._sink is not None:  # a new command in the middle of a data set: invalid
             self._drop_sink()
             self.message = None
             self.dul.event_queue.put("Evt19")
             return
+        if self.message is None and control & 0x03 == 0x03 and _unobserved(self.assoc, evt.EVT_DIMSE_RECV):
+            primitive = decode_c_store_rq(data)
+            if primitive is not None and self._open_sink(primitive, context_id):
+                primitive._context_id = context_id
+                primitive._dataset_path = cast(DatasetSink, self._sink).path
+                self._pending = primitive
+                return
         self.receive_primitive(_p_data(context_id, bytes((control,)) + data))
         msg = self.message
         if control & 0x02 and type(msg) is C_STORE_RQ:
             # The command set is complete and announces a data set: receive it into a file.
-            self._open_sink(msg, context_id)
+            cs = msg.command_set
+            if self._open_sink(cs, context_id):
+                msg._data_set_path = cast(DatasetSink, self._sink).path
 
     def sink_for(self, context_id: int) -> DatasetSink | None:
         """Where a data set fragment under ``context_id`` goes, or None to use pynetdicom's path."""
@@ -214,9 +331,25 @@ class FastDIMSE(DIMSEServiceProvider):
         result = sink.finish()
         with self._lock:
             self._received[result.path] = result
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.msg_queue.put((context_id, pending))
+            return
         # pynetdicom completes the message (EVT_DIMSE_RECV, primitive, msg_queue) on the final
         # (empty) data set fragment; the primitive carries the path as ``_dataset_path``.
         self.receive_primitive(_p_data(context_id, b"\x02"))
+
+    # -- called by the association thread ----------------------------------------------------------------
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            type(primitive) is C_STORE
+            and primitive.MessageIDBeingRespondedTo is not None
+            and _unobserved(self.assoc, evt.EVT_DIMSE_SENT, evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
+        ):
+            command = encode_c_store_rsp(primitive)
+            if command is not None and cast(FastDUL, self.dul).send_command(context_id, command):
+                return
+        super().send_msg(primitive, context_id)
 
     # -- called by the C-STORE handler -----------------------------------------------------------------
     def take_received(self, path: Path) -> ReceivedDataset | None:
@@ -232,23 +365,31 @@ class FastDIMSE(DIMSEServiceProvider):
         for item in leftovers:
             item.path.unlink(missing_ok=True)
 
-    def _open_sink(self, msg: Any, context_id: int) -> None:
+    def _open_sink(self, command: Any, context_id: int) -> bool:
         try:
             transfer_syntax = self.assoc._accepted_cx[context_id].transfer_syntax[0]
         except (KeyError, IndexError):
-            return  # not an accepted context: pynetdicom aborts the association when served
-        cs = msg.command_set
+            return False  # not an accepted context: pynetdicom aborts the association when served
         self._sink = DatasetSink(
-            self._spool, str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID), str(transfer_syntax)
+            self._spool,
+            str(command.AffectedSOPClassUID),
+            str(command.AffectedSOPInstanceUID),
+            str(transfer_syntax),
         )
         self._sink_context = context_id
-        msg._data_set_path = self._sink.path
+        return True
 
     def _drop_sink(self) -> None:
+        self._pending = None
         if self._sink is not None:
             self._sink.discard()
             self._sink = None
             self._sink_context = None
+
+
+def _unobserved(assoc: Association, *events: Any) -> bool:
+    """True when no handler is bound to any of ``events`` (the fast paths would not trigger them)."""
+    return not any(assoc.get_handlers(event) for event in events)
 
 
 def _p_data(context_id: int, pdv: bytes) -> P_DATA:
@@ -267,6 +408,10 @@ class FastDUL(DULServiceProvider):
         self.to_user_queue: queue.Queue[Any] = NotifyingQueue(assoc.activity)
         self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._send_lock = threading.RLock()
+        self._held: A_ASSOCIATE | None = None
+        self._released = False
+        self._unsent = 0  # primitives queued for the reactor and not yet sent by it
         self._buffer = memoryview(bytearray(CHUNK_BYTES))
 
     # -- waking the reactor ----------------------------------------------------------------------------
@@ -278,8 +423,56 @@ class FastDUL(DULServiceProvider):
                     os.write(self._wake_w, b"\x00")
 
     def send_pdu(self, primitive: Any) -> None:
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result not in (None, 0x00) and not self._released:
+            # An A-ASSOCIATE-RJ: pynetdicom queues it, then triggers EVT_REJECTED, then kills the
+            # association. Sent from kill() (release_held) instead, so that the rejection is
+            # recorded before the peer hears of it, as it was when the reactor polled every 1 ms.
+            self._held = primitive
+            return
+        with self._send_lock:
+            self._unsent += 1
         super().send_pdu(primitive)
         self._wake()
+
+    def release_held(self) -> None:
+        """Send a held A-ASSOCIATE-RJ (see send_pdu); from here on nothing is held."""
+        self._released = True
+        held, self._held = self._held, None
+        if held is not None:
+            self.send_pdu(held)
+
+    def _send(self, pdu: Any) -> None:
+        with self._send_lock:
+            super()._send(pdu)
+            self._unsent = max(0, self._unsent - 1)
+
+    def send_command(self, context_id: int, command: bytes) -> bool:
+        """Send an encoded command set (one PDV, last fragment) as a P-DATA-TF; False if not possible.
+
+        In Sta6 with nothing else waiting to be sent, the PDU goes straight out from the calling
+        thread (Sta6 + Evt9 is DT-1: send the P-DATA-TF, stay in Sta6), sparing the hand-over to the
+        reactor thread. Over TLS it is queued for the reactor as usual: an SSL socket must not be
+        written by one thread while another reads it.
+        """
+        item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+        limit = self.assoc.requestor.maximum_length
+        if limit and len(item) > limit:
+            return False
+        with self._send_lock:
+            sock = self.socket.socket if self.socket is not None else None
+            direct = (
+                self._unsent == 0
+                and sock is not None
+                and not isinstance(sock, ssl.SSLSocket)
+                and self.state_machine.current_state == "Sta6"
+            )
+            if direct:
+                assert sock is not None
+                with contextlib.suppress(OSError):  # a broken connection: the reactor finds out
+                    sock.sendall(_PDU_HEADER.pack(_P_DATA_TF, 0, len(item)) + item)
+                return True
+        self.send_pdu(_p_data(context_id, b"\x03" + command))
+        return True
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -301,22 +494,55 @@ class FastDUL(DULServiceProvider):
                     os.close(fd)
             self._wake_r = self._wake_w = -1
 
+    def _poll(self, timeout: float, wake: bool = False) -> bool:
+        """True if the socket is readable within ``timeout`` seconds (``poll``: any descriptor number).
+
+        With ``wake`` the wait also ends when the wake-up pipe is written, and the pipe is drained:
+        only the reactor's idle wait does that, right before it checks its queues again.
+        """
+        wrapper = self.socket
+        sock = wrapper.socket if wrapper is not None and wrapper._is_connected else None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted data is buffered in the SSL object, invisible to poll
+        poller = select.poll()
+        if wake:
+            poller.register(self._wake_r, select.POLLIN)
+        sock_fd = sock.fileno() if sock is not None else -1
+        if sock_fd >= 0:
+            poller.register(sock_fd, select.POLLIN | select.POLLPRI)
+        try:
+            events = poller.poll(timeout * 1000)
+        except OSError:
+            return False
+        ready = False
+        for fd, _ in events:
+            if wake and fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+            elif fd == sock_fd:
+                ready = True  # data, or hang-up / error: the read finds out which
+        return ready
+
     def _wait(self) -> None:
         """Block until the socket is readable, a primitive is queued, or IDLE_WAIT passes."""
-        sock = self.socket.socket if self.socket is not None else None
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return
-        fds: list[Any] = [self._wake_r]
-        if sock is not None and sock.fileno() >= 0:
-            fds.append(sock)
-        try:
-            ready, _, _ = select.select(fds, [], [], IDLE_WAIT)
-        except (OSError, ValueError):
-            return  # the socket was closed under us; the next loop notices
-        if self._wake_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._wake_r, 4096):
-                    pass
+        self._poll(IDLE_WAIT, wake=True)
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's check for incoming data (including Sta13's close), polled without select."""
+        wrapper = self.socket
+        if wrapper is None:
+            return False
+        if self.state_machine.current_state == "Sta13":
+            if self._poll(0):
+                self._read_pdu_data()
+                return True
+            wrapper.close()  # no more data: close the connection (Evt17)
+            return True
+        if self._poll(0):
+            self._read_pdu_data()
+            return True
+        return False
 
     # -- reactor ------------------------------------------------------------------------------------------
     def run_reactor(self) -> None:
@@ -439,10 +665,12 @@ class FastDUL(DULServiceProvider):
                 raise _BadPDU(f"PDV item length {item_length} with {remaining - 4} bytes left in the PDU")
             remaining -= 4 + item_length
             size = item_length - 2
+            sink = None if control & 0x01 else dimse.sink_for(context_id)
+            if sink is None and size > MAX_BUFFERED_PDU:
+                raise _BadPDU(f"a {size}-byte fragment that would have to be held in memory")
             if control & 0x01:
                 dimse.command_fragment(context_id, control, self._recv_bytes(size))
                 continue
-            sink = dimse.sink_for(context_id)
             if sink is None:  # a data set we do not stream (not a C-STORE request): pynetdicom's way
                 dimse.receive_primitive(_p_data(context_id, bytes((control,)) + self._recv_bytes(size)))
                 continue
@@ -482,6 +710,10 @@ class FastAssociation(Association):
             super().run_reactor()
         finally:
             cast(FastDIMSE, self.dimse).discard_unclaimed()
+
+    def kill(self) -> None:
+        cast(FastDUL, self.dul).release_held()
+        super().kill()
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop, waiting for activity instead of sleeping 1 ms per loop."""

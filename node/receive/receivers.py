@@ -155,7 +155,7 @@ class ReceiverPool:
                 if index is None:
                     continue
                 proc = self._procs[index]
-                proc.join(0)
+                proc.join(5)  # its sentinel fired: it is exiting; reap it for the exit code
                 log.error(
                     "DICOM receiver %d (pid %s) exited with %s; starting it again",
                     index,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
+import h5py  # type: ignore[import-untyped]
 import numpy as np
 import torch
 
@@ -41,7 +41,7 @@ def read_convs(path: Path) -> tuple[list[KerasConv], dict[str, list[float]]]:
     except OSError as exc:
         raise WeightsFileError(f"{path} is not a readable HDF5 file: {exc}") from exc
     with handle:
-        root = handle["model_weights"] if "model_weights" in handle else handle
+        root = handle.get("model_weights", handle)
         if "layer_names" not in root.attrs:
             raise WeightsFileError(f"{path} has no 'layer_names' attribute (not a Keras weights file)")
         for raw in root.attrs["layer_names"]:

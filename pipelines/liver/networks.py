@@ -30,10 +30,12 @@ def norm_act(x: torch.Tensor) -> torch.Tensor:
 
 def center_crop(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Crop ``x`` symmetrically to the spatial size of ``like`` (Keras ``Cropping3D``)."""
+    # No int() here: while exporting to ONNX the sizes are traced values, so the crop stays dynamic.
     slices = [slice(None), slice(None)]
-    for have, want in zip(x.shape[2:], like.shape[2:], strict=True):
-        margin = (int(have) - int(want)) // 2
-        slices.append(slice(margin, margin + int(want)))
+    for axis in range(2, 5):
+        have, want = x.shape[axis], like.shape[axis]
+        margin = (have - want) // 2
+        slices.append(slice(margin, margin + want))
     return x[tuple(slices)]
 
 
@@ -43,7 +45,7 @@ def upsample3_linear(x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv(cin: int, cout: int, kernel: tuple[int, int, int], same: bool) -> nn.Conv3d:
-    padding = tuple(k // 2 for k in kernel) if same else (0, 0, 0)
+    padding = (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2) if same else (0, 0, 0)
     return nn.Conv3d(cin, cout, kernel, stride=1, padding=padding, bias=True)
 
 
