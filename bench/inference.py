@@ -198,6 +198,7 @@ class Variant:
     setup: Callable[[], Runner]
     run: Runner | None = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # CPU seconds of this process, all threads
     skipped: str | None = None  # why it cannot run here
     default_off: str | None = None  # why it does not run unless named in --variants
     max_abs_diff: float | None = None
@@ -520,10 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         def measure(v: Variant) -> None:
             assert v.run is not None
             sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             result = v.run(vol)
             sync(device)
             v.times.append(time.perf_counter() - t0)
+            v.cpu_times.append(time.process_time() - c0)
             if not reference and v is variants[0]:
                 reference.append(result)
             if v.max_abs_diff is None and reference:
@@ -565,7 +567,10 @@ def best(v: Variant) -> float | None:
 def print_table(variants: list[Variant], device: torch.device) -> bool | None:
     base = best(variants[0])
     print()
-    print(f"{'variant':34s} {'precision':9s} {'best s':>8s} {'median s':>9s} {'speedup':>8s} {'max|dp|':>9s}")
+    print(
+        f"{'variant':34s} {'precision':9s} {'best s':>8s} {'median s':>9s} {'speedup':>8s} "
+        f"{'cpu s':>7s} {'max|dp|':>9s}"
+    )
     for v in variants:
         b = best(v)
         if b is None:
@@ -573,7 +578,9 @@ def print_table(variants: list[Variant], device: torch.device) -> bool | None:
             continue
         ratio = f"{base / b:7.2f}x" if base else "      -"
         diff = f"{v.max_abs_diff:9.1e}" if v.max_abs_diff is not None else "        -"
-        print(f"{v.name:34s} {v.precision:9s} {b:8.2f} {float(np.median(v.times)):9.2f} {ratio} {diff}")
+        cpu, median = min(v.cpu_times), float(np.median(v.times))
+        print(f"{v.name:34s} {v.precision:9s} {b:8.2f} {median:9.2f} {ratio} {cpu:7.1f} {diff}")
+    print("(best s: wall clock, best of the runs; cpu s: least CPU time of this process, all threads)")
     if device.type != "cpu":
         return None
     ort = next((v for v in variants if v.name == "ours-onnxruntime"), None)
@@ -600,6 +607,7 @@ def write_report(
                 "description": v.description,
                 "precision": v.precision,
                 "seconds": v.times,
+                "cpu_seconds": v.cpu_times,
                 "best_s": b,
                 "speedup_vs_baseline": (base / b) if (base and b) else None,
                 "max_abs_diff_vs_baseline": v.max_abs_diff,

@@ -29,7 +29,7 @@ from node.route.evaluate import RuleResult, evaluate_all
 from node.route.facts import SeriesFacts, compute_facts, read_headers
 from node.route.own_outputs import own_output_reason
 from node.route.rules import Rule
-from node.route.store import RuleStore
+from node.route.store import RuleStore, StoredRule
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ class Router:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._versions: dict[str, int] = {}
+        self._signature: tuple[object, ...] | None = None
+        self._stored: list[StoredRule] = []
 
     # -- facts -----------------------------------------------------------------------------------
     def _facts(self, series: Series) -> tuple[SeriesFacts | None, str | None]:
@@ -104,7 +106,11 @@ class Router:
 
     # -- one pass --------------------------------------------------------------------------------
     def route_once(self) -> list[CreatedJob]:
-        stored = [r for r in self.rules.stored() if r.rule.enabled]
+        signature = self.rules.signature()
+        if signature != self._signature:  # parse the rules only when one changed
+            self._stored = [r for r in self.rules.stored() if r.rule.enabled]
+            self._signature = signature
+        stored = self._stored
         self._versions = {r.rule.name: r.version for r in stored}
         rules = [r.rule for r in stored]
         created: list[CreatedJob] = []

@@ -122,6 +122,14 @@ class RuleStore:
                     ) from None
             return out
 
+    def signature(self) -> tuple[object, ...]:
+        """Changes whenever any rule changes (cheap: one aggregate query, no parsing)."""
+        from sqlalchemy import func
+
+        with self.sessions() as s:
+            row = s.execute(select(func.count(RuleRow.id), func.sum(RuleRow.current_version))).one()
+            return tuple(row)
+
     def active(self) -> list[Rule]:
         return [r.rule for r in self.stored() if r.rule.enabled]
 

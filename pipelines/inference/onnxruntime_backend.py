@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes.util
 import importlib.util
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +69,8 @@ class OnnxRuntimeBackend:
     loops (no barrier per operator, steadier on a busy machine). ``"auto"`` splits a batch of ``n`` into
     the largest divisor of ``n`` not above the thread budget (a batch of 1: one session, all threads;
     2 windows on 2+ cores: 2 sessions); an int fixes the number; GPU providers always use one session.
-    Sessions are created on first need; each holds its own copy of the weights.
+    Sessions are created on first need; each holds its own copy of the weights. One ``predict`` at a
+    time: the backend is not meant to be shared between threads.
 
     ``geometry`` defaults to what the file's static shapes say (a smaller output is taken as centred),
     else 'same'.
@@ -216,7 +217,10 @@ class OnnxRuntimeBackend:
             self._executor_size = len(jobs) - 1
             self._executor = ThreadPoolExecutor(self._executor_size, thread_name_prefix="onnxruntime-batch")
         futures = [self._executor.submit(job) for job in jobs[1:]]
-        jobs[0]()  # this thread runs one share itself
+        try:
+            jobs[0]()  # this thread runs one share itself
+        finally:
+            wait(futures)  # never leave a session running behind an error
         for future in futures:
             future.result()
 
