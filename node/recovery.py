@@ -20,7 +20,7 @@ from node.audit import events as ev
 from node.audit.recorder import record, utcnow
 from node.db.models import Association, Instance
 from node.receive.header import HeaderError, read_header
-from node.receive.ingest import Ingestor
+from node.receive.ingest import Carrier, Ingestor
 from node.receive.spool import Spool, TempFile
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,7 @@ def reconcile_spool(sessions: sessionmaker[Session], spool: Spool, ingestor: Ing
     return recovered
 
 
-def _recover_one(path: Path, spool: Spool, ingestor: Ingestor, carrier: object) -> int:
-    from node.receive.ingest import Carrier
-
-    assert isinstance(carrier, Carrier)
+def _recover_one(path: Path, spool: Spool, ingestor: Ingestor, carrier: Carrier) -> int:
     try:
         header = read_header(path)
     except HeaderError as exc:
