@@ -59,6 +59,10 @@ def example_config() -> str:
         out.append("")
     out += [
         "# Where results go. Rules name these (or 'sender' = the AE/host that sent the study).",
+        "# 'sender' replies to the calling AE title at the calling host; its port is that of a dimse",
+        "# destination below with the same ae_title, else dispatch.sender_port.",
+        "# More destinations can be added at run time: segnode destinations add NAME --type ...",
+        "# (a name defined here wins over an added one).",
         "destinations: {}",
         "#  pacs:",
         "#    type: dimse            # C-STORE",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node import __version__
@@ -15,13 +17,15 @@ from node.audit import events as ev
 from node.completion.monitor import CompletionMonitor
 from node.db.engine import make_engine, make_session_factory
 from node.db.migrate import upgrade
+from node.dispatch.dispatcher import Dispatcher
+from node.execute.executor import Executor
 from node.receive.dimse import DimseServer
 from node.receive.ingest import Ingestor
 from node.receive.receivers import Listener, ReceiverPool
 from node.receive.spool import Spool
 from node.recovery import close_stale_carriers, reconcile_spool
 from node.route.router import Router
-from node.route.store import RuleStore
+from node.route.store import RuleStore, StoredRule
 from node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,29 @@ class Database:
         return db
 
     def rules(self, settings: Settings) -> RuleStore:
-        return RuleStore(self.sessions, settings.destinations.keys())
+        return _LiveRuleStore(self.sessions, lambda: self.destination_names(settings))
+
+    def destination_names(self, settings: Settings) -> list[str]:
+        """Configured destinations plus those added at run time (``segnode destinations add``)."""
+        from node.dispatch.destinations import DestinationStore
+
+        try:
+            return DestinationStore(self.sessions, settings.destinations).names()
+        except SQLAlchemyError:  # not migrated yet (migrate=False): the configured ones only
+            return sorted(settings.destinations)
+
+
+class _LiveRuleStore(RuleStore):
+    """Reads the destination names again whenever it reads the rules, so that a rule may name a
+    destination added at run time (``segnode destinations add``) without restarting the node."""
+
+    def __init__(self, sessions: sessionmaker[Session], names: Callable[[], list[str]]) -> None:
+        super().__init__(sessions, names())
+        self._names = names
+
+    def stored(self, include_removed: bool = False) -> list[StoredRule]:
+        self.destinations = self._names()
+        return super().stored(include_removed)
 
 
 def make_spool(settings: Settings) -> Spool:
@@ -71,6 +97,11 @@ class Node:
             else DimseServer(settings, self.ingestor, self.spool)
         )
         self.completion = CompletionMonitor(self.db.sessions, settings.completion)
+        self.dispatcher = Dispatcher(self.db.sessions, settings)
+        # Pipelines run in the executor's worker processes, never on this process's threads.
+        self.executor: Executor | None = (
+            Executor(self.db.sessions, settings) if settings.executor.enabled else None
+        )
         self.router = Router(
             self.db.sessions,
             self.db.rules(settings),
@@ -95,6 +126,9 @@ class Node:
             self._start_http()
         self.completion.start()
         self.router.start()
+        self.dispatcher.start()
+        if self.executor is not None:
+            self.executor.start()
         self.ingestor.audit(
             ev.NodeStarted(
                 version=__version__,
@@ -143,5 +177,8 @@ class Node:
                 self._http_thread.join(timeout=grace + 5)
         self.completion.stop()
         self.router.stop()
+        if self.executor is not None:
+            self.executor.stop(timeout=grace)
+        self.dispatcher.stop(timeout=grace)
         self.ingestor.audit(ev.NodeStopped(reason=reason))
         self.db.engine.dispose()

@@ -176,6 +176,109 @@ class DestinationSection(Section):
         return self
 
 
+class DispatchSection(Section):
+    poll_seconds: float = Field(
+        0.5, gt=0, le=60, description="How often the dispatcher looks for results to send and retries due."
+    )
+    backoff_base_seconds: float = Field(
+        5.0, gt=0, description="First retry delay; doubles per attempt (with jitter) up to the maximum."
+    )
+    backoff_max_seconds: float = Field(600.0, gt=0, description="Longest delay between two attempts.")
+    jitter: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of each retry delay that is random (0 = none, 1 = full jitter).",
+    )
+    max_attempts: int = Field(
+        10, ge=1, description="Attempts per delivery before it fails for good (then the job is failed)."
+    )
+    breaker_threshold: int = Field(
+        5, ge=1, description="Consecutive transient failures that open a destination's circuit breaker."
+    )
+    breaker_cooldown_seconds: float = Field(
+        60.0, gt=0, description="How long an open breaker waits before one trial delivery (half-open)."
+    )
+    connect_timeout_seconds: float = Field(
+        10.0, gt=0, description="Connecting / association negotiation time limit per attempt."
+    )
+    timeout_seconds: float = Field(
+        120.0, gt=0, description="Time limit for one response (C-STORE response, STOW-RS reply)."
+    )
+    sender_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the 'sender' destination when no destination has the sender's AE title.",
+    )
+
+    @model_validator(mode="after")
+    def _backoff(self) -> DispatchSection:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds must be at least backoff_base_seconds")
+        return self
+
+
+class ExecutorSection(Section):
+    enabled: bool = Field(
+        True, description="Run jobs in this node (false: only receive, route and dispatch)."
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes; each keeps its loaded pipelines warm between jobs."
+    )
+    device: str = Field("cpu", description="Where pipelines run: cpu, cuda or cuda:N.")
+    concurrency: int = Field(
+        1, ge=1, le=64, description="Jobs running at once on the device (at most workers)."
+    )
+    memory_budget_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Device memory the warm models and running jobs may use, MB; a job waits rather "
+        "than exceed it (null = no limit).",
+    )
+    model_memory_mb: dict[str, int] = Field(
+        default_factory=dict,
+        description="Memory one pipeline needs on the device, MB, by pipeline name (overrides the estimate).",
+    )
+    default_model_memory_mb: int = Field(
+        2048, ge=1, description="Memory estimate, MB, of a pipeline not named in model_memory_mb."
+    )
+    job_timeout_seconds: float = Field(
+        3600.0, gt=0, description="A job still running after this long has its worker killed (then retried)."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Runs per job; worker crashes and timeouts retry until this many, then failed."
+    )
+    lane_ageing_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Priority ageing: a routine job waiting this long ranks with a new stat job (research "
+        "twice as long), so no lane starves.",
+    )
+    poll_seconds: float = Field(0.2, gt=0, le=10, description="How often the executor looks for work.")
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="How often running jobs' heartbeats are written to the database."
+    )
+    stale_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this (its node died) is queued again.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(r"^(cpu|cuda|cuda:\d+)$", value):
+            raise ValueError("device is cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _stale(self) -> ExecutorSection:
+        if self.stale_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError("stale_seconds must be more than twice heartbeat_seconds")
+        return self
+
+
 _DEST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -186,6 +289,8 @@ SECTIONS: dict[str, type[Section]] = {
     "storage": StorageSection,
     "database": DatabaseSection,
     "completion": CompletionSection,
+    "dispatch": DispatchSection,
+    "executor": ExecutorSection,
 }
 
 
@@ -215,6 +320,8 @@ class Settings(BaseSettings):
     storage: StorageSection = Field(default_factory=lambda: StorageSection())
     database: DatabaseSection = Field(default_factory=lambda: DatabaseSection())
     completion: CompletionSection = Field(default_factory=lambda: CompletionSection())
+    dispatch: DispatchSection = Field(default_factory=lambda: DispatchSection())
+    executor: ExecutorSection = Field(default_factory=lambda: ExecutorSection())
     destinations: dict[str, DestinationSection] = Field(
         default_factory=dict, description="Where results go, by name; rules name them (or 'sender')."
     )

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,11 @@ def start_node(
     extra_env: dict[str, str] | None = None,
     config: Path | None = None,
     timeout: float = 60,
+    prefix: Sequence[str] = (),
 ) -> RunningNode:
-    """Start ``segnode serve`` on ephemeral loopback ports and wait until it says it is ready."""
+    """Start ``segnode serve`` on ephemeral loopback ports and wait until it says it is ready.
+
+    ``prefix`` runs it through a wrapper that execs it (``nsenter --net=...`` for a network namespace)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGNODE_")}
     env.update(
         {
@@ -131,7 +134,7 @@ def start_node(
     ready = storage / "run" / "ready.json"
     ready.unlink(missing_ok=True)
     log_path = storage.parent / f"{storage.name}-serve-{int(time.time() * 1000)}.log"
-    cmd = [*SEGNODE, "serve"] + (["--config", str(config)] if config else [])
+    cmd = [*prefix, *SEGNODE, "serve"] + (["--config", str(config)] if config else [])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -158,9 +161,27 @@ def start_node(
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[RunningNode]:
-    running = start_node(tmp_path / "store")
+    """A node that receives, completes and routes; its executor is off, so jobs stay queued (tests that run
+    jobs call ``start_node`` themselves, with the executor on as by default)."""
+    running = start_node(tmp_path / "store", extra_env={"SEGNODE_EXECUTOR__ENABLED": "false"})
     yield running
     running.stop()
+
+
+# -- Orthanc (Debian's orthanc + orthanc-dicomweb) in a private network namespace, one per module -----
+
+
+@pytest.fixture(scope="module")
+def orthanc_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Orthanc with orthanc/orthanc.json and route_to_segnode.lua, started in its own network
+    namespace (tests/orthanc_support.py); skips when Orthanc or network namespaces are unavailable."""
+    from tests.orthanc_support import open_site
+
+    site = open_site(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield site
+    finally:
+        site.close()
 
 
 # -- PostgreSQL: a throwaway cluster on 127.0.0.1 for the whole session -------------------------------

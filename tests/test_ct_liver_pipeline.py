@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from scipy import ndimage
+from scipy import ndimage  # type: ignore[import-untyped]
 
 from pipelines.base import PipelineError, PipelineRequest
 from pipelines.ct_liver import processing
+from pipelines.ct_liver.cropping import crop_mr
 from pipelines.ct_liver.orientation import to_ras
 from pipelines.ct_liver.pipeline import CtLiverPipeline, parse_parameters
 from pipelines.ct_liver.processing import LIVER_PATCH, PatchGeometry, tile_centres
@@ -22,6 +23,7 @@ from pipelines.ct_liver.resample import zoom3d
 from pipelines.registry import load_pipeline
 from tests.factories import SeriesSpec, ct_series, write_series
 from tests.liver_support import (
+    CHAOS,
     CT_DICOM,
     CT_DICOM_LABELS,
     ct_image,
@@ -143,6 +145,25 @@ def test_liver_postprocessing_keeps_the_largest_component() -> None:
     assert not processing.postprocess_liver(np.zeros_like(probability), liver_input).any()
 
 
+@pytest.mark.parametrize("patient", ["1", "2", "3", "8", "10", "13", "15", "20", "21", "22", "32", "33"])
+def test_mr_body_crop_keeps_the_whole_body(patient: str) -> None:
+    """The MR body crop drops background only: on the tightly framed CHAOS T2 scans the original's
+    y-profile edge detector cut up to 35 mm of body wall next to the liver (patient 1: 20 rows in front, 27
+    behind). The body here: the largest connected region above 5 % of the maximum, found independently of
+    the crop's own (1 %, eroded) mask. Kept now: 98.7-99.9 % of it; with the cut: 95.3 % (patient 1)."""
+    import nibabel as nib
+
+    path = need(CHAOS / "images" / f"image_{patient}.nii.gz")
+    image = nib.as_closest_canonical(nib.load(str(path)))  # type: ignore[no-untyped-call]
+    voxels = np.asarray(processing.to_lps(np.asarray(image.dataobj, dtype=np.float32)), dtype=np.float32)
+    voxel = tuple(float(z) for z in image.header.get_zooms()[:3])
+    box = crop_mr(voxels, voxel).bbox
+    labels, _count = ndimage.label(voxels > 0.05 * float(voxels.max()))
+    body = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    inside, total = int(body[box].sum()), int(body[:, :, box[2]].sum())
+    assert inside >= 0.98 * total, f"the crop {box} keeps {inside / total:.3f} of the body"
+
+
 def test_orientation_round_trip() -> None:
     voxels = np.random.default_rng(2).normal(size=(4, 5, 6)).astype(np.float32)
     affine = np.array([[0, 0, -0.8, 10], [0, 1.2, 0, 20], [3.0, 0, 0, 30], [0, 0, 0, 1]], dtype=float)
@@ -222,7 +243,7 @@ def test_torch_and_onnxruntime_backends_agree() -> None:
     rng = np.random.default_rng(5)
     for kind, shape in (("liver", (81, 54, 54)), ("lesion", (100, 92, 54))):
         patch = rng.uniform(-0.5, 0.5, size=shape).astype(np.float32)
-        with ort_nets.open(kind) as a, torch_nets.open(kind) as b:  # type: ignore[arg-type]
+        with ort_nets.open(kind) as a, torch_nets.open(kind) as b:
             assert a.name.startswith("onnxruntime") and b.name.startswith("torch")
             np.testing.assert_allclose(a(patch), b(patch), atol=1e-4)
 
@@ -359,7 +380,7 @@ def test_run_pipeline_on_the_real_dicom_series() -> None:
 
     # Dice against TotalSegmentator's liver (label 5) on this grid; 20 slices (40 mm) is a thin slab
     # for a net that sees the whole abdomen, so the liver is under-segmented but what it marks is liver.
-    labels = nib.as_closest_canonical(nib.load(str(need(CT_DICOM_LABELS))))
+    labels = nib.as_closest_canonical(nib.load(str(need(CT_DICOM_LABELS))))  # type: ignore[no-untyped-call]
     reference = np.rint(np.asarray(labels.dataobj)) == 5
     predicted = to_ras(masks[0].astype(np.float32), volume.affine).image > 0.5
     score = dice(predicted, reference)

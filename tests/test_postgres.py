@@ -36,7 +36,7 @@ def test_db_upgrade_command_on_postgres(postgres_url: str, tmp_path: Path) -> No
             [*SEGNODE, "db", "upgrade"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
         )
         assert proc.returncode == 0, proc.stderr
-        assert "database at revision 0002" in proc.stdout
+        assert "database at revision 0004" in proc.stdout
 
 
 def test_store_series_and_complete_on_postgres(pg_node: RunningNode, tmp_path: Path) -> None:

@@ -27,9 +27,15 @@ class Event:
     def details(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _KEYS}
 
+    @classmethod
+    def fields_from_details(cls, details: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of ``details`` (an event whose stored keys differ from its fields overrides it)."""
+        return details
+
 
 def event_from_row(event_type: str, keys: dict[str, str | None], details: dict[str, Any]) -> Event:
     cls = REGISTRY[event_type]
+    details = cls.fields_from_details(dict(details))
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(
         **{k: v for k, v in keys.items() if k in _KEYS}, **{k: v for k, v in details.items() if k in names}
@@ -202,4 +208,198 @@ class RouteSkipped(Event):
 
     type: ClassVar[str] = "route.skipped"
     generation: int
+    reason: str
+
+
+# -- dispatch (node/dispatch) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryQueued(Event):
+    """A job's results are due at one destination (one outbox row)."""
+
+    type: ClassVar[str] = "delivery.queued"
+    job_uid: str
+    destination: str
+    target: str
+    instances: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryAttempted(Event):
+    type: ClassVar[str] = "delivery.attempted"
+    job_uid: str
+    destination: str
+    target: str
+    attempt: int
+    instances: int  # sent in this attempt (those not delivered before)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliverySucceeded(Event):
+    type: ClassVar[str] = "delivery.succeeded"
+    job_uid: str
+    destination: str
+    target: str
+    attempt: int
+    # sop_instance_uid -> the peer's final status (0 success, 0xB000 etc. warnings), all attempts
+    statuses: dict[str, int]
+    warnings: dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryRetryScheduled(Event):
+    type: ClassVar[str] = "delivery.retry_scheduled"
+    job_uid: str
+    destination: str
+    target: str
+    attempt: int
+    delay_seconds: float
+    status: str  # the peer's answer: "0xA700", "HTTP 503", "association rejected ..." etc.
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliveryFailed(Event):
+    """Permanent: the peer refused for good, or max_attempts were used up."""
+
+    type: ClassVar[str] = "delivery.failed"
+    job_uid: str
+    destination: str
+    target: str
+    attempt: int
+    status: str
+    error: str
+    permanent: bool  # true: the answer itself was final; false: attempts were used up
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationBreakerOpened(Event):
+    type: ClassVar[str] = "destination.breaker_opened"
+    destination: str
+    target: str
+    failures: int
+    cooldown_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationBreakerClosed(Event):
+    type: ClassVar[str] = "destination.breaker_closed"
+    destination: str
+    target: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DestinationChanged(Event):
+    """A run-time destination added, replaced or removed (``segnode destinations add|remove``)."""
+
+    type: ClassVar[str] = "destination.changed"
+    destination: str
+    action: str  # add | replace | remove
+    destination_type: str
+    target: str
+
+
+# -- job state machine (node/jobs/transitions.py) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobTransition(Event):
+    """A job moved from one state to another; stored details: job_uid, from, to, reason, attempt, extra."""
+
+    type: ClassVar[str] = "job.transition"
+    job_uid: str
+    from_state: str
+    to_state: str
+    reason: str | None = None
+    attempt: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def details(self) -> dict[str, Any]:
+        base = {
+            "job_uid": self.job_uid,
+            "from": self.from_state,
+            "to": self.to_state,
+            "reason": self.reason,
+            "attempt": self.attempt,
+        }
+        return {**{k: v for k, v in self.extra.items() if k not in base}, **base}
+
+    @classmethod
+    def fields_from_details(cls, details: dict[str, Any]) -> dict[str, Any]:
+        known = {"job_uid", "from", "to", "reason", "attempt"}
+        return {
+            "job_uid": details.get("job_uid", ""),
+            "from_state": details.get("from", ""),
+            "to_state": details.get("to", ""),
+            "reason": details.get("reason"),
+            "attempt": int(details.get("attempt") or 0),
+            "extra": {k: v for k, v in details.items() if k not in known},
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobQueued(JobTransition):
+    """Back in the queue: a worker crashed or timed out (attempts left), or the node restarted mid-run."""
+
+    type: ClassVar[str] = "job.queued"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRunning(JobTransition):
+    type: ClassVar[str] = "job.running"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobWritten(JobTransition):
+    """Result files are durably in storage and listed in job_results."""
+
+    type: ClassVar[str] = "job.written"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobDispatching(JobTransition):
+    type: ClassVar[str] = "job.dispatching"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobDone(JobTransition):
+    type: ClassVar[str] = "job.done"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFailed(JobTransition):
+    type: ClassVar[str] = "job.failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCancelled(JobTransition):
+    type: ClassVar[str] = "job.cancelled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRetried(JobTransition):
+    """A failed job sent round again (``segnode jobs retry``): to queued, or to written to resend."""
+
+    type: ClassVar[str] = "job.retried"
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCancelRequested(Event):
+    """``segnode jobs cancel`` on a running job: its worker is stopped, then the job is cancelled."""
+
+    type: ClassVar[str] = "job.cancel_requested"
+    job_uid: str
+    by: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerExited(Event):
+    """An executor worker process ended other than by the executor's own stop (crash, kill, timeout)."""
+
+    type: ClassVar[str] = "executor.worker_exited"
+    worker: str
+    pid: int
+    exitcode: int | None
+    job_uid: str | None
     reason: str

@@ -36,6 +36,12 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "error": job.error,
         "created_at": job.created_at.isoformat(),
         "updated_at": job.updated_at.isoformat(),
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "claimed_by": job.claimed_by,
+        "cancel_requested": job.cancel_requested,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
     }
 
 
@@ -80,7 +86,7 @@ def jobs_show(
 ) -> None:
     """Show one job with its audit trail."""
     from node.cli import _open_db, fail, settings_from
-    from node.db.models import AuditEvent, Job
+    from node.db.models import AuditEvent, Job, JobResult
 
     db = _open_db(settings_from(config))
     with db.sessions() as s:
@@ -93,8 +99,18 @@ def jobs_show(
         if job is None:
             fail(f"no job {job_id!r}; see 'segnode jobs list'", 1)
         data = _job_dict(job)
+        data["results"] = [
+            {"kind": r.kind, "path": r.path, "sop_instance_uid": r.sop_instance_uid, "size": r.size}
+            for r in s.scalars(select(JobResult).where(JobResult.job_id == job.id).order_by(JobResult.id))
+        ]
         trail = s.scalars(
-            select(AuditEvent).where(AuditEvent.event_type.like("job.%")).order_by(AuditEvent.id)
+            select(AuditEvent)
+            .where(
+                AuditEvent.event_type.like("job.%")
+                | AuditEvent.event_type.like("delivery.%")
+                | AuditEvent.event_type.like("executor.%")
+            )
+            .order_by(AuditEvent.id)
         ).all()
         data["events"] = [
             {"at": e.at.isoformat(), "event": e.event_type, "details": e.details}
@@ -110,6 +126,49 @@ def jobs_show(
     typer.echo("events:")
     for e in data["events"]:
         typer.echo(f"  {e['at']}  {e['event']}")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id (number) or uid.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Retry a failed job: resend its results when they exist, else run it again."""
+    import getpass
+
+    from node.cli import _open_db, fail, settings_from
+    from node.dispatch.retry import RetryError, retry_job
+
+    settings = settings_from(config)
+    db = _open_db(settings)
+    try:
+        done = retry_job(db.sessions, settings.storage.path, job_id, author=getpass.getuser())
+    except RetryError as exc:
+        fail(str(exc), 1)
+    what = "results will be sent again" if done.to == "written" else "no results on disk: it runs again"
+    typer.echo(f"job {done.job_id} -> {done.to}: {what}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument(metavar="ID", help="Job id (number) or uid.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Cancel a job that has not finished; a running job's worker is stopped."""
+    import getpass
+
+    from node.cli import _open_db, fail, settings_from
+    from node.execute.cancel import CancelError, cancel_job
+
+    db = _open_db(settings_from(config))
+    try:
+        done = cancel_job(db.sessions, job_id, author=getpass.getuser())
+    except CancelError as exc:
+        fail(str(exc), 1)
+    if done.state == "running":
+        typer.echo(f"job {done.job_id} is running: cancel requested; its worker will be stopped")
+    else:
+        typer.echo(f"job {done.job_id} cancelled")
 
 
 def register(app: typer.Typer) -> None:

@@ -83,7 +83,10 @@ class CompletionMonitor:
         now = self.clock()
         done: list[Completed] = []
         with self.sessions() as s:
-            candidates = s.scalars(select(Series.id).where(Series.state == "receiving")).all()
+            receiving = s.scalars(select(Series).where(Series.state == "receiving")).all()
+            # Decide without the write lock first (most polls complete nothing, and a write
+            # transaction per poll would queue behind, and delay, the ingest of every instance).
+            candidates = [series.id for series in receiving if self._decide(s, series, now) is not None]
         for series_id in candidates:
             with self.sessions() as s, s.begin():
                 series = s.get(Series, series_id, with_for_update=True, populate_existing=True)

@@ -173,6 +173,8 @@ def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader 
         if received.error is not None:
             raise received.error
         spool.check_space(0)  # as write_temp: what stays free after the instance is written
+        if received.sha256 is not None:  # hashed and fsynced while it was written
+            return TempFile(path=received.path, size=received.size, sha256=received.sha256), received.header
         return spool.adopt_temp(received.path), received.header
     except BaseException:
         spool.discard(received.path)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -136,6 +137,7 @@ class ReceivedDataset:
     size: int
     error: Exception | None = None
     header: InstanceHeader | None = None  # parsed while receiving, when that was provably complete
+    sha256: str | None = None  # of the whole file, hashed while writing (set when complete)
 
 
 def _element(tag: bytes, vr: bytes, value: bytes) -> bytes:
@@ -194,6 +196,8 @@ class DatasetSink:
         self.header: InstanceHeader | None = None
         self._fd = -1
         self._probe: bytearray | None = None
+        self._digest = hashlib.sha256()
+        self._fsync = spool.fsync
         try:
             # As Spool.new_temp_path() names them, keeping the descriptor open.
             self._fd, name = tempfile.mkstemp(dir=spool.incoming, suffix=".part")
@@ -223,6 +227,7 @@ class DatasetSink:
                 self._parse_probe(complete=False)
 
     def _write(self, data: memoryview) -> None:
+        self._digest.update(data)
         try:
             while data:
                 written = os.write(self._fd, data)
@@ -264,10 +269,15 @@ class DatasetSink:
     def finish(self) -> ReceivedDataset:
         if self._probe is not None:
             self._parse_probe(complete=True)
+        if self._fsync and self.error is None and self._fd >= 0:
+            try:
+                os.fsync(self._fd)  # durable before the handler records it and answers Success
+            except OSError as exc:
+                self._fail(exc)
         self._close_fd()
         if self.error is not None:
-            self.header = None
-        return ReceivedDataset(self.path, self.size, self.error, self.header)
+            return ReceivedDataset(self.path, self.size, self.error)
+        return ReceivedDataset(self.path, self.size, None, self.header, self._digest.hexdigest())
 
     def discard(self) -> None:
         self._probe = None

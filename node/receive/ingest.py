@@ -16,19 +16,50 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit import events as ev
-from node.audit.recorder import record, utcnow
+from node.audit.recorder import record, record_on, utcnow
 from node.db.models import Association, Instance, Series, SeriesAssociation, Study
 from node.receive.header import HeaderError, InstanceHeader, read_header
 from node.receive.spool import Spool, TempFile
 from node.receive.status import Status
 
 log = logging.getLogger(__name__)
+
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_SERIES_ASSOCIATIONS: Table = SeriesAssociation.__table__  # type: ignore[assignment]
+
+# The hot path's statements, built once: executing a prebuilt statement with parameters skips
+# statement construction and hits SQLAlchemy's compiled cache directly.
+_LOCK_SERIES = (
+    select(_SERIES.c.study_id, _SERIES.c.state, _SERIES.c.generation, _SERIES.c.expected_count)
+    .where(_SERIES.c.id == bindparam("series_id"))
+    .with_for_update()
+)
+_TOUCH_STUDY = (
+    update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id")).values(last_received_at=bindparam("now"))
+)
+_LATEST_VERSION = (
+    select(_INSTANCES.c.version, _INSTANCES.c.sha256)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid"))
+    .order_by(_INSTANCES.c.version.desc())
+    .limit(1)
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+_TOUCH_SERIES = (
+    update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(last_received_at=bindparam("now"))
+)
+_COUNT_INSTANCE = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("series_id"))
+    .values(last_received_at=bindparam("now"), instance_count=_SERIES.c.instance_count + 1)
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +90,10 @@ class Ingestor:
     def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
         self.sessions = sessions
         self.spool = spool
+        bind = sessions.kw.get("bind")
+        if bind is None:
+            raise ValueError("the session factory must be bound to an engine")
+        self._engine: Engine = bind
         self._series_ids: dict[str, int] = {}
         self._links: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
@@ -207,23 +242,22 @@ class Ingestor:
             if sid is not None:
                 self._links = {link for link in self._links if link[0] != sid}
 
-    def _insert_ignore(self, s: Session, table: Any, values: dict[str, Any]) -> None:
-        dialect = s.get_bind().dialect.name
+    def _insert_ignore(self, conn: Connection, table: Table, values: dict[str, Any]) -> None:
         stmt: Any
-        if dialect == "postgresql":
+        if conn.dialect.name == "postgresql":
             stmt = postgresql.insert(table).values(**values).on_conflict_do_nothing()
         else:
             stmt = sqlite.insert(table).values(**values).on_conflict_do_nothing()
-        s.execute(stmt)
+        conn.execute(stmt)
 
-    def _series_id(self, s: Session, h: InstanceHeader, carrier: Carrier, now: datetime) -> int:
+    def _series_id(self, conn: Connection, h: InstanceHeader, carrier: Carrier, now: datetime) -> int:
         with self._lock:
             cached = self._series_ids.get(h.series_uid)
         if cached is not None:
             return cached
         self._insert_ignore(
-            s,
-            Study,
+            conn,
+            _STUDIES,
             {
                 "study_uid": h.study_uid,
                 "patient_id": h.patient_id,
@@ -235,11 +269,11 @@ class Ingestor:
                 "last_received_at": now,
             },
         )
-        study_id = s.scalar(select(Study.id).where(Study.study_uid == h.study_uid))
+        study_id = conn.scalar(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == h.study_uid))
         assert study_id is not None
         self._insert_ignore(
-            s,
-            Series,
+            conn,
+            _SERIES,
             {
                 "study_id": study_id,
                 "series_uid": h.series_uid,
@@ -255,44 +289,39 @@ class Ingestor:
                 "last_received_at": now,
                 "sender_ae": carrier.calling_ae,
                 "sender_host": carrier.remote_host,
+                "routed_generation": 0,
             },
         )
-        series_id = s.scalar(select(Series.id).where(Series.series_uid == h.series_uid))
+        series_id = conn.scalar(select(_SERIES.c.id).where(_SERIES.c.series_uid == h.series_uid))
         assert series_id is not None
-        return series_id
+        return int(series_id)
 
     def _record(self, temp: TempFile, carrier: Carrier, h: InstanceHeader) -> StoreResult:
+        """One short transaction in SQLAlchemy Core (the hot path: no ORM unit of work)."""
         now = utcnow()
-        with self.sessions() as s, s.begin():
-            series_id = self._series_id(s, h, carrier, now)
-            series = s.get(Series, series_id, with_for_update=True, populate_existing=True)
+        with self._engine.begin() as conn:
+            series_id = self._series_id(conn, h, carrier, now)
+            series = conn.execute(_LOCK_SERIES, {"series_id": series_id}).first()
             if series is None:  # cache went stale (database reset under us)
                 raise IntegrityError("series vanished", None, Exception("series row missing"))
-            if series.study_id is not None:
-                s.execute(update(Study).where(Study.id == series.study_id).values(last_received_at=now))
-            previous = s.execute(
-                select(Instance.version, Instance.sha256)
-                .where(Instance.sop_instance_uid == h.sop_instance_uid)
-                .order_by(Instance.version.desc())
-                .limit(1)
-            ).first()
+            conn.execute(_TOUCH_STUDY, {"study_id": series.study_id, "now": now})
+            previous = conn.execute(_LATEST_VERSION, {"sop_instance_uid": h.sop_instance_uid}).first()
             keys = {
                 "study_uid": h.study_uid,
                 "series_uid": h.series_uid,
                 "sop_instance_uid": h.sop_instance_uid,
                 "association_uid": carrier.uid,
             }
-            self._link(s, series_id, carrier)
+            self._link(conn, series_id, carrier)
             if previous is not None and previous.sha256 == temp.sha256:
-                record(
-                    s,
+                record_on(
+                    conn,
                     ev.InstanceDuplicate(
                         **keys, sha256=temp.sha256, version=previous.version, protocol=carrier.protocol
                     ),
                     at=now,
                 )
-                series.last_received_at = now
-                s.flush()
+                conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(last_received_at=now))
                 self.spool.discard(temp)
                 return StoreResult(
                     Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version
@@ -300,47 +329,60 @@ class Ingestor:
 
             version = 1 if previous is None else previous.version + 1
             final = self.spool.final_path(h.study_uid, h.series_uid, h.sop_instance_uid, version)
-            s.add(
-                Instance(
-                    series_id=series_id,
-                    association_id=carrier.db_id,
-                    sop_instance_uid=h.sop_instance_uid,
-                    sop_class_uid=h.sop_class_uid,
-                    version=version,
-                    path=self.spool.relative(final),
-                    size=temp.size,
-                    sha256=temp.sha256,
-                    transfer_syntax=h.transfer_syntax,
-                    calling_ae=carrier.calling_ae,
-                    remote_host=carrier.remote_host,
-                    received_at=now,
-                )
+            relative = self.spool.relative(final)
+            conn.execute(
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "association_id": carrier.db_id,
+                    "sop_instance_uid": h.sop_instance_uid,
+                    "sop_class_uid": h.sop_class_uid,
+                    "version": version,
+                    "path": relative,
+                    "size": temp.size,
+                    "sha256": temp.sha256,
+                    "transfer_syntax": h.transfer_syntax,
+                    "calling_ae": carrier.calling_ae,
+                    "remote_host": carrier.remote_host,
+                    "received_at": now,
+                },
             )
-            if version == 1:
-                series.instance_count += 1
-            series.last_received_at = now
-            if series.expected_count is None and h.expected_count:
-                series.expected_count = h.expected_count
-                series.expected_source = h.expected_source
-            if series.state == "complete":
-                series.state = "receiving"
-                series.generation += 1
-                series.completed_at = None
-                series.completion_reason = None
-                record(
-                    s,
+            reopened = series.state == "complete"
+            new_expected = series.expected_count is None and bool(h.expected_count)
+            if reopened or new_expected:  # rare: build the statement for this case
+                changes: dict[str, Any] = {"last_received_at": now}
+                if version == 1:
+                    changes["instance_count"] = _SERIES.c.instance_count + 1
+                if new_expected:
+                    changes["expected_count"] = h.expected_count
+                    changes["expected_source"] = h.expected_source
+                if reopened:
+                    changes.update(
+                        state="receiving",
+                        generation=series.generation + 1,
+                        completed_at=None,
+                        completion_reason=None,
+                    )
+                conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(**changes))
+            else:
+                conn.execute(
+                    _COUNT_INSTANCE if version == 1 else _TOUCH_SERIES, {"series_id": series_id, "now": now}
+                )
+            if reopened:
+                record_on(
+                    conn,
                     ev.SeriesReopened(
                         study_uid=h.study_uid,
                         series_uid=h.series_uid,
                         association_uid=carrier.uid,
-                        generation=series.generation,
+                        generation=series.generation + 1,
                         reason=f"instance {h.sop_instance_uid} arrived after completion",
                     ),
                     at=now,
                 )
             if version == 1:
-                record(
-                    s,
+                record_on(
+                    conn,
                     ev.InstanceStored(
                         **keys,
                         sop_class_uid=h.sop_class_uid,
@@ -348,15 +390,15 @@ class Ingestor:
                         size=temp.size,
                         sha256=temp.sha256,
                         transfer_syntax=h.transfer_syntax,
-                        path=self.spool.relative(final),
+                        path=relative,
                         protocol=carrier.protocol,
                     ),
                     at=now,
                 )
             else:
                 assert previous is not None
-                record(
-                    s,
+                record_on(
+                    conn,
                     ev.InstanceNewVersion(
                         **keys,
                         version=version,
@@ -366,8 +408,9 @@ class Ingestor:
                     ),
                     at=now,
                 )
-            # Conflicts (same SOP stored concurrently) surface here, before the file is placed.
-            s.flush()
+            # Conflicts (same SOP stored concurrently) surfaced above, before the file is placed;
+            # the rename happens inside the transaction, so a crash before COMMIT leaves a spool
+            # file without a row, which start-up recovery records.
             self.spool.commit(temp, final)
         with self._lock:
             self._series_ids[h.series_uid] = series_id
@@ -375,9 +418,11 @@ class Ingestor:
         outcome = "stored" if version == 1 else "new_version"
         return StoreResult(Status.SUCCESS, outcome, "stored", h, version)
 
-    def _link(self, s: Session, series_id: int, carrier: Carrier) -> None:
+    def _link(self, conn: Connection, series_id: int, carrier: Carrier) -> None:
         link = (series_id, carrier.db_id)
         with self._lock:
             if link in self._links:
                 return
-        self._insert_ignore(s, SeriesAssociation, {"series_id": series_id, "association_id": carrier.db_id})
+        self._insert_ignore(
+            conn, _SERIES_ASSOCIATIONS, {"series_id": series_id, "association_id": carrier.db_id}
+        )

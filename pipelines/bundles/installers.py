@@ -37,6 +37,13 @@ INSTALLERS: dict[str, InstallerInfo] = {
             "liver (CT/MR, 3 mm) and liver-lesion (1 x 1 x 3 mm) nets of pyliverlesionseg==0.3 "
             "(PyPI, Apache-2.0, KU Leuven), converted to PyTorch and ONNX",
         ),
+        InstallerInfo(
+            "mri-cardiac",
+            "pipelines.bundles.repository:install_mri_cardiac",
+            ("mri-cardiac",),
+            "RV, LV myocardium and LV cavity on cine short-axis MRI: 2D DynUNet trained by segnode-train on "
+            "ACDC (CC BY-NC-SA 4.0, research use), committed in models/mri-cardiac",
+        ),
     )
 }
 

@@ -19,8 +19,10 @@ missing or altered), ``model_incompatible``, ``backend_unavailable``, ``invalid_
 
 Where the method deviates from pyliverlesionseg 0.3 (see ``cropping.py`` and ``processing.py``): the
 CT body crop keeps up to the patch's full height above the hips instead of stopping 70 mm above the
-lowest lung base; lesion blocks whose output holds no liver are not run; lesions are restricted to the
-liver. Everything else follows ``../shared/models/pyliverlesionseg.md``.
+lowest lung base; the MR body crop no longer cuts into the body along y (the original's voxel-sized
+edge detector cut up to 35 mm of body wall off tightly framed MR); lesion blocks whose output holds no liver
+are not run; lesions are restricted to the liver. Everything else follows
+``../shared/models/pyliverlesionseg.md``.
 """
 
 from __future__ import annotations

@@ -61,12 +61,15 @@ def load_series(
     phase: int | str | None = None,
     min_slices: int = DEFAULT_MIN_SLICES,
     spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    multi_series: bool = False,
 ) -> SeriesVolumes:
     """Load every phase of a series (or only ``phase``: an index, "first", "last" or a phase label).
 
+    ``multi_series``: accept files of several series of one study (e.g. a cine acquired as one series
+    per slice location) and build one volume from them; see ``plan_series``.
     Refuses with ``pipelines.base.PipelineError`` (reasons in ``pipelines.volume.reasons.Reason``).
     """
-    plan = plan_series(files)
+    plan = plan_series(files, multi_series=multi_series)
     labels = plan.phase_labels
     indices = range(len(plan.phases)) if phase is None else [select_index(labels, phase)]
     volumes = [build_volume(plan, plan.phases[i], min_slices, spacing_tolerance) for i in indices]
@@ -86,15 +89,24 @@ def load_volume(
     return build_volume(plan, chosen, min_slices, spacing_tolerance)
 
 
-def plan_series(files: Sequence[Path]) -> SeriesPlan:
-    """Read and check all headers, and split the series into phases; reads no pixel data."""
+def plan_series(files: Sequence[Path], *, multi_series: bool = False) -> SeriesPlan:
+    """Read and check all headers, and split the series into phases; reads no pixel data.
+
+    With ``multi_series`` the files may belong to several series of one study (a study-level rule
+    gathering e.g. one cine series per slice location); they must still share one orientation, size
+    and pixel spacing, and their positions must form one stack. The volume then names the series of
+    its first slice; each ``SourceFrame`` keeps its own instance.
+    """
     if not files:
         raise refuse(Reason.NO_FILES, "no files were given; a series needs at least one instance")
     notes: list[str] = []
     frames = read_headers([Path(f) for f in files], notes)
     file_headers = list({id(f.file): f.file for f in frames}.values())
     _check_pixel_format(file_headers)
-    _check_one_series(file_headers)
+    if multi_series:
+        _check_one_study(file_headers, notes)
+    else:
+        _check_one_series(file_headers)
     size = common_size(frames)
     orientation = common_orientation(frames)
     pixel_spacing = common_pixel_spacing(frames)
@@ -234,6 +246,19 @@ def _check_one_series(files: list[FileHeader]) -> None:
             Reason.MIXED_SERIES,
             f"the files belong to {len(series)} series: {listed}; a volume is built from one series",
         )
+
+
+def _check_one_study(files: list[FileHeader], notes: list[str]) -> None:
+    studies = Counter(info.study_instance_uid for info in files)
+    if len(studies) > 1:
+        listed = "; ".join(f"{uid or '(empty)'} ({count} files)" for uid, count in studies.most_common(4))
+        raise refuse(
+            Reason.MIXED_SERIES,
+            f"the files belong to {len(studies)} studies: {listed}; series are gathered within one study",
+        )
+    series = Counter(info.series_instance_uid for info in files)
+    if len(series) > 1:
+        notes.append(f"{len(series)} series of one study gathered into one volume")
 
 
 def _uid_notes(files: list[FileHeader]) -> list[str]:

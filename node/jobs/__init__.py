@@ -1,0 +1,1 @@
+"""Jobs: the state machine every job moves through (transitions.py)."""
