@@ -27,7 +27,7 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres,pipelines]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,postgres,pipelines,trainer,cpu]'
 	touch $(STAMP)
 
 # OHIF's DICOM-SEG reader (@cornerstonejs/adapters) for the SEG read-back tests.

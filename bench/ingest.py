@@ -235,6 +235,7 @@ def segnode(workdir: Path, extra_env: dict[str, str]) -> Iterator[Node]:
             "SEGNODE_DIMSE__PORT": "0",
             "SEGNODE_DIMSE__HOST": "127.0.0.1",
             "SEGNODE_DICOMWEB__ENABLED": "false",
+            "SEGNODE_EXECUTOR__ENABLED": "false",  # ingest only: no pipeline runs on the benchmark series
             "SEGNODE_NODE__AE_TITLE": NODE_AET,
             "PYTHONUNBUFFERED": "1",
         }

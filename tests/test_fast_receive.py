@@ -425,6 +425,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _receivers(n: int) -> dict[str, str]:
+    """A node with ``n`` receiver processes and no executor (its workers are multiprocessing children too)."""
+    return {"SEGNODE_DIMSE__RECEIVERS": str(n), "SEGNODE_EXECUTOR__ENABLED": "false"}
+
+
 def _receiver_pids(node: RunningNode) -> list[int]:
     pids = []
     for child in _children(node.proc.pid):
@@ -438,7 +443,7 @@ def _receiver_pids(node: RunningNode) -> list[int]:
 
 
 def test_receiver_processes_share_the_port_and_stop_cleanly(tmp_path: Path) -> None:
-    running = start_node(tmp_path / "st", extra_env={"SEGNODE_DIMSE__RECEIVERS": "3"})
+    running = start_node(tmp_path / "st", extra_env=_receivers(3))
     try:
         receivers = _receiver_pids(running)
         assert len(receivers) == 3
@@ -483,7 +488,7 @@ def _assert_port_free(port: int) -> None:
 
 
 def test_receivers_stop_when_the_node_is_killed(tmp_path: Path) -> None:
-    running = start_node(tmp_path / "st", extra_env={"SEGNODE_DIMSE__RECEIVERS": "2"})
+    running = start_node(tmp_path / "st", extra_env=_receivers(2))
     receivers = _receiver_pids(running)
     assert len(receivers) == 2
     os.kill(running.proc.pid, signal.SIGKILL)
@@ -496,7 +501,7 @@ def test_receivers_stop_when_the_node_is_killed(tmp_path: Path) -> None:
 
 
 def test_a_receiver_that_dies_is_started_again(tmp_path: Path) -> None:
-    running = start_node(tmp_path / "st", extra_env={"SEGNODE_DIMSE__RECEIVERS": "2"})
+    running = start_node(tmp_path / "st", extra_env=_receivers(2))
     try:
         first = _receiver_pids(running)
         os.kill(first[0], signal.SIGKILL)
@@ -515,7 +520,7 @@ def test_a_receiver_that_dies_is_started_again(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_receivers_finish_inflight_associations(tmp_path: Path) -> None:
-    running = start_node(tmp_path / "st", extra_env={"SEGNODE_DIMSE__RECEIVERS": "2"})
+    running = start_node(tmp_path / "st", extra_env=_receivers(2))
     paths = write_series(ct_series(SeriesSpec(n=120, size=128)), tmp_path / "in")
     proc = subprocess.Popen(
         [need_tool("storescu"), "-aet", "LONGSCU", "-aec", running.ae_title, "127.0.0.1"]

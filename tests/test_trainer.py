@@ -126,6 +126,27 @@ def test_resume_is_exact(acdc: Path, planned: Path, tmp_path: Path) -> None:
         assert torch.equal(v, b["model"][k]), k
 
 
+@pytest.mark.parametrize(
+    ("plan_args", "train_args"),
+    [
+        (["--network", "swinunetr", "--feature-size", "12"], ["--loss", "dice_focal"]),
+        ([], ["--loss", "tversky", "--optimizer", "sgd"]),
+    ],
+    ids=["swinunetr-dice_focal", "dynunet-tversky-sgd"],
+)
+def test_other_networks_losses_and_optimizers_train(
+    acdc: Path, tmp_path: Path, plan_args: list[str], train_args: list[str]
+) -> None:
+    plan_dir = tmp_path / "plan"
+    assert main(["plan", str(acdc), "--out", str(plan_dir), "--max-cases", CASES, *TINY, *plan_args]) == 0
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    assert plan["network"] == (plan_args[1] if plan_args else "dynunet")
+    _train(acdc, plan_dir, tmp_path / "run", "--max-iterations", "2", *train_args)
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=False)
+    assert state["iteration"] == 2
+    assert all(np.isfinite(v) for _, v in state["history"]["loss"])
+
+
 def test_case_metrics_in_millimetres() -> None:
     ref = np.zeros((20, 20, 3), np.uint8)
     ref[5:12, 5:12, 1] = 3

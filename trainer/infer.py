@@ -41,6 +41,8 @@ def predict_logits(
     """``image`` (C, X, Y, Z) in plan space -> softmax probabilities (K, X, Y, Z) float32."""
     x = torch.from_numpy(np.ascontiguousarray(image)).to(device)
     total = [int(np.prod([s[a] for s in plan.strides])) for a in range(plan.dim)]
+    if plan.network == "swinunetr":  # five 2x patch-merging stages: every axis a multiple of 32
+        total = [int(np.lcm(t, 32)) for t in total]
     if plan.dim == 2:
         assert plan.slice_axis is not None
         # (C, X, Y, Z) -> (N_slices, C, H, W)
