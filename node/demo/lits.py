@@ -14,11 +14,6 @@ estimate (vertebral level height, aortic diameter) and volumes in ml are approxi
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +22,13 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from pipelines.bundles.wheels import PinnedWheel, WheelMismatch, WheelUnavailable, fetch_pinned_wheel
+
 PACKAGE = "liver-ct-segmentation-package"
 VERSION = "1.6.0"
 WHEEL = "liver_ct_segmentation_package-1.6.0-py2.py3-none-any.whl"
 WHEEL_SHA256 = "67ffa526d8500ce5e3d9f2c96c1690543d811d352d93d531301d35791b9d6bba"
+PIN = PinnedWheel(PACKAGE, VERSION, WHEEL, WHEEL_SHA256)
 IMAGE_MEMBER = "liver_ct_segmentation_package/data/img_117.mrc"
 LABEL_MEMBER = "liver_ct_segmentation_package/data/lab_117.mrc"
 LICENCE_MEMBER = "liver_ct_segmentation_package-1.6.0.dist-info/LICENSE"
@@ -55,53 +53,18 @@ class FetchError(Exception):
     """The package index could not be reached, or it served something else than expected."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(cache_dir: Path, log: Callable[[str], None] = lambda _m: None, timeout: float = 300) -> Path:
     """The verified wheel, from ``cache_dir/downloads`` or downloaded there with ``pip download``."""
-    downloads = cache_dir / "downloads"
-    wheel = downloads / WHEEL
-    if wheel.is_file():
-        if _sha256(wheel) == WHEEL_SHA256:
-            log(f"using cached {wheel}")
-            return wheel
-        wheel.unlink()
-    downloads.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {PACKAGE}=={VERSION} from the package index (pip download --no-deps)")
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--cache-dir", str(cache_dir / "pip"), "-d", tmp, f"{PACKAGE}=={VERSION}",
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise FetchError(
-                f"pip download {PACKAGE}=={VERSION} took longer than {timeout:.0f} s; is the package index "
-                "reachable from here?"
-            ) from None
-        if done.returncode != 0:
-            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            raise FetchError(
-                f"cannot download {PACKAGE}=={VERSION} from the package index (pip exit {done.returncode}: "
-                f"{tail}). Without network use 'segnode demo --study DIR' with a CT series of your own, or "
-                f"put {WHEEL} into {downloads}"
-            )
-        got = Path(tmp) / WHEEL
-        if not got.is_file():
-            raise FetchError(f"pip download did not produce {WHEEL} (got {sorted(os.listdir(tmp))})")
-        actual = _sha256(got)
-        if actual != WHEEL_SHA256:
-            raise FetchError(f"{WHEEL}: sha256 {actual}, expected {WHEEL_SHA256}")
-        shutil.move(str(got), wheel)
-    return wheel
+    try:
+        return fetch_pinned_wheel(PIN, cache_dir, log, timeout)
+    except WheelUnavailable as exc:
+        raise FetchError(
+            f"cannot download {PACKAGE}=={VERSION} from the package index ({exc}). Without network use "
+            f"'segnode demo --study DIR' with a CT series of your own, or put {WHEEL} into "
+            f"{cache_dir / 'downloads'}"
+        ) from exc
+    except WheelMismatch as exc:
+        raise FetchError(str(exc)) from exc
 
 
 def read_mrc(data: bytes) -> NDArray[np.float32]:

@@ -7,21 +7,21 @@ The wheel pins Python 3.6 / TensorFlow 1.12, so it is only downloaded (``pip dow
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.bundles.store import sha256_file
+from pipelines.bundles.wheels import PinnedWheel, WheelMismatch, WheelUnavailable, fetch_pinned_wheel
+
 PACKAGE = "pyliverlesionseg"
 VERSION = "0.3"
 WHEEL = "pyliverlesionseg-0.3-py3-none-any.whl"
 WHEEL_SHA256 = "ffe1576aefff5922ea8d1cfa2c50864cda97798798559542b9517689fd290cb8"
+# the wheel is tagged for the Python 3.6 it was built with
+PIN = PinnedWheel(PACKAGE, VERSION, WHEEL, WHEEL_SHA256, ("--python-version", "3.6"))
 SOURCE_URL = "https://github.com/KUL-recon-lab/pyliverlesionseg"
 AUTHORS = ("Xikai Tang", "Georg Schramm")
 
@@ -50,51 +50,14 @@ class SourceMismatch(Exception):
     """The downloaded wheel, or a file in it, is not the one this converter was written for."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_wheel(cache_dir: Path, log: Callable[[str], None] = lambda _m: None, timeout: float = 600) -> Path:
     """The verified wheel, from ``cache_dir/downloads`` or downloaded there with pip."""
-    downloads = cache_dir / "downloads"
-    wheel = downloads / WHEEL
-    if wheel.is_file():
-        if _sha256(wheel) == WHEEL_SHA256:
-            log(f"using cached {wheel}")
-            return wheel
-        wheel.unlink()
-    downloads.mkdir(parents=True, exist_ok=True)
-    log(f"downloading {PACKAGE}=={VERSION} from the package index")
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", "3.6", "--cache-dir", str(cache_dir / "pip"), "-d", tmp,
-            f"{PACKAGE}=={VERSION}",
-        ]  # fmt: skip
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise SourceUnavailable(
-                f"pip download {PACKAGE}=={VERSION} took longer than {timeout:.0f} s"
-            ) from None
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-            raise SourceUnavailable(
-                f"pip download {PACKAGE}=={VERSION} failed (exit {done.returncode}): {' | '.join(tail)}"
-            )
-        got = Path(tmp) / WHEEL
-        if not got.is_file():
-            raise SourceUnavailable(f"pip download did not produce {WHEEL} (got {sorted(os.listdir(tmp))})")
-        actual = _sha256(got)
-        if actual != WHEEL_SHA256:
-            raise SourceMismatch(f"{WHEEL}: sha256 {actual}, expected {WHEEL_SHA256}")
-        shutil.move(str(got), wheel)
-    return wheel
+    try:
+        return fetch_pinned_wheel(PIN, cache_dir, log, timeout)
+    except WheelUnavailable as exc:
+        raise SourceUnavailable(str(exc)) from exc
+    except WheelMismatch as exc:
+        raise SourceMismatch(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -120,7 +83,7 @@ def extract(wheel: Path, dest: Path) -> Extracted:
             target = dest / Path(member).name
             with archive.open(member) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
-            actual = _sha256(target)
+            actual = sha256_file(target)
             if actual != expected:
                 raise SourceMismatch(f"{member} in {wheel.name}: sha256 {actual}, expected {expected}")
             paths[member] = target
