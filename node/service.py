@@ -100,7 +100,9 @@ class Node:
         self.dispatcher = Dispatcher(self.db.sessions, settings)
         # Pipelines run in the executor's worker processes, never on this process's threads.
         self.executor: Executor | None = (
-            Executor(self.db.sessions, settings) if settings.executor.enabled else None
+            Executor(self.db.sessions, settings, on_written=self.dispatcher.wake)
+            if settings.executor.enabled
+            else None
         )
         self.router = Router(
             self.db.sessions,
@@ -109,6 +111,7 @@ class Node:
             quiet_seconds=settings.completion.quiet_seconds,
             poll_seconds=settings.completion.poll_seconds,
         )
+        self.completion.on_complete = lambda _completed: self.router.wake()
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self.dicomweb_port: int | None = None

@@ -227,6 +227,11 @@ class ExecutorSection(Section):
         1, ge=1, le=64, description="Worker processes; each keeps its loaded pipelines warm between jobs."
     )
     device: str = Field("cpu", description="Where pipelines run: cpu, cuda or cuda:N.")
+    preload_pipelines: bool = Field(
+        True,
+        description="A new worker imports every pipeline's code (torch, onnxruntime, ...) before its first "
+        "job, so that no job waits seconds for imports (costs a few hundred MB of RAM per worker).",
+    )
     concurrency: int = Field(
         1, ge=1, le=64, description="Jobs running at once on the device (at most workers)."
     )

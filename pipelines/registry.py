@@ -36,6 +36,26 @@ def pipeline_names() -> list[str]:
     return sorted(PIPELINES)
 
 
+def preload_code() -> list[str]:
+    """Import the code of every registered pipeline and load the SEG/SR writer's tables, so that a worker
+    process's first job does not wait seconds for them. Returns what could not be loaded, and why; the
+    job that needs such a pipeline fails with the same error, so nothing is raised here."""
+    problems = []
+    for info in PIPELINES.values():
+        module = info.entry_point.partition(":")[0]
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a module failing at import time
+            problems.append(f"{info.name}: {type(exc).__name__}: {exc}")
+    try:
+        from pipelines.outputs.tables import preload_tables
+
+        preload_tables()
+    except Exception as exc:
+        problems.append(f"SEG/SR tables: {type(exc).__name__}: {exc}")
+    return problems
+
+
 def load_pipeline(name: str) -> Pipeline:
     info = PIPELINES.get(name)
     if info is None:

@@ -667,3 +667,20 @@ def test_kill_9_of_the_node_during_inference_gives_exactly_one_written_result(tm
         _check_written(sessions, root, uid)
     finally:
         node.stop()
+
+
+def test_preload_imports_every_pipeline_and_reports_broken_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """executor.preload_pipelines: a new worker imports the pipelines' code before its first job."""
+    import sys
+
+    from pipelines import registry
+
+    assert registry.preload_code() == []
+    assert "highdicom._standard_utils" in sys.modules
+    for info in registry.PIPELINES.values():
+        assert info.entry_point.partition(":")[0] in sys.modules
+    broken = registry.PipelineInfo("broken", "pipelines.no_such_module:Nothing", "its code is gone")
+    monkeypatch.setitem(registry.PIPELINES, "broken", broken)
+    problems = registry.preload_code()
+    assert len(problems) == 1 and problems[0].startswith("broken: ModuleNotFoundError")
+    assert Settings().executor.preload_pipelines is True

@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from scipy import ndimage
 
 from pipelines.base import PipelineError, PipelineRequest
 from pipelines.bundles import Bundle
@@ -32,7 +33,7 @@ from pipelines.mri_cardiac.function import (
     voxel_volume_ml,
 )
 from pipelines.mri_cardiac.labels import SEGMENT_ORDER, Structure, structure_labels
-from pipelines.mri_cardiac.model import model_spec, normalise, resample_image
+from pipelines.mri_cardiac.model import first_argmax, model_spec, normalise, resample_image
 from pipelines.mri_cardiac.pipeline import MriCardiacPipeline, load_cine, parse_parameters, write_outputs
 from pipelines.outputs import Algorithm, OutputIdentity
 from pipelines.outputs.uids import is_valid_uid
@@ -326,6 +327,30 @@ def test_clean_labels() -> None:
     assert cleaned[3, 1, 1] == 0 and (cleaned[1, 25:28, 0:4] == RV).all()
     assert (cleaned[1:3, 8, 8:20] == MYO).all()
     assert largest_component(np.zeros((3, 3), dtype=bool)).sum() == 0
+    assert not clean_labels(np.zeros((2, 8, 8), dtype=np.uint8), VALUES).any()
+
+
+def test_clean_labels_on_the_bounding_box_equals_the_whole_image() -> None:
+    """clean_labels works on the labelled voxels' bounding box; the result is what the whole image gives."""
+    from pipelines.mri_cardiac.function import _clean_box
+
+    rng = np.random.default_rng(3)
+    _zz, yy, xx = np.mgrid[:6, :96, :96]
+    for trial in range(12):
+        cy, cx = (int(v) for v in rng.integers(20, 76, 2))
+        r = np.hypot(yy - cy, xx - cx)
+        labels = np.zeros((6, 96, 96), dtype=np.uint8)
+        labels[r < 8] = LV
+        labels[(r >= 8) & (r < 12)] = MYO
+        labels[(np.hypot(yy - cy, xx - cx - 16) < 10) & (labels == 0)] = RV
+        speckle = (rng.random(labels.shape) < 0.05) & (r < 24)  # holes and islands near the heart
+        labels[speckle] = rng.integers(0, 4, int(speckle.sum()))
+        if trial % 3 == 0:  # islands far away, up to the image border
+            far = rng.random(labels.shape) < 0.001
+            labels[far] = rng.integers(1, 4, int(far.sum()))
+        if trial == 1:
+            labels[:, :4, :4] = LV
+        assert (clean_labels(labels, VALUES) == _clean_box(labels, VALUES)).all(), trial
 
 
 # -- model contract (manifest) ------------------------------------------------------------------------
@@ -383,6 +408,23 @@ def test_normalise_and_resample() -> None:
         assert np.allclose(z, ref, atol=1e-5)
     out = resample_image(image, (1.367188, 1.367188, 10.0), (1.5625, 1.5625, 10.0), (0, 1))
     assert out.shape == (round(50 * 1.367188 / 1.5625), round(40 * 1.367188 / 1.5625), 6)
+    # slice by slice (the slice axis is not resampled) gives the cubic 3D zoom the trainer uses
+    zoom = [n / s for n, s in zip(out.shape, image.shape, strict=True)]
+    reference = ndimage.zoom(image, zoom, order=3, mode="nearest")
+    assert out.dtype == np.float32 and np.allclose(out, reference, atol=1e-3)
+    both = resample_image(image, (1.367188, 1.367188, 10.0), (1.5625, 1.5625, 8.0), (0, 1, 2))
+    assert both.shape == (*out.shape[:2], round(6 * 10.0 / 8.0))
+    both_zoom = [n / s for n, s in zip(both.shape, image.shape, strict=True)]
+    assert np.allclose(both, ndimage.zoom(image, both_zoom, order=3, mode="nearest"), atol=1e-3)
+
+
+def test_first_argmax_is_numpy_argmax() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.random((4, 5, 6, 7)).astype(np.float32)
+    scores[2, :2] = scores[1, :2]  # ties: the first channel wins, as with numpy
+    scores[3, 4] = scores[0, 4]
+    labels = first_argmax(scores)
+    assert labels.dtype == np.uint8 and (labels == scores.argmax(axis=0)).all()
 
 
 # -- SEG and SR from the contour masks ----------------------------------------------------------------

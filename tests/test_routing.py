@@ -143,3 +143,30 @@ def test_study_level_rule_gathers_matching_series_into_one_job(node: RunningNode
     assert job.level == "study" and job.lane == "stat" and job.parameters == {"phase": "all"}
     assert sorted(job.series_uids) == sorted([arterial[0].SeriesInstanceUID, venous[0].SeriesInstanceUID])
     assert job.rule_version == 1
+
+
+def test_router_runs_a_pass_when_woken(tmp_path: Path) -> None:
+    """The completion monitor wakes the router: a pass runs at once, not at the next poll (60 s here)."""
+    from node.route.router import Router
+    from node.route.store import RuleStore
+    from node.service import Database
+    from node.settings import Settings
+
+    class CountingStore(RuleStore):
+        passes = 0
+
+        def signature(self) -> tuple[object, ...]:
+            CountingStore.passes += 1  # read once at the start of every routing pass
+            return super().signature()
+
+    db = Database.open(Settings(storage={"path": tmp_path}))
+    router = Router(db.sessions, CountingStore(db.sessions, []), tmp_path, quiet_seconds=5, poll_seconds=60)
+    router.start()
+    try:
+        router.wake()
+        wait_for(lambda: CountingStore.passes >= 1, timeout=20, what="a routing pass after wake()")
+        router.wake()
+        wait_for(lambda: CountingStore.passes >= 2, timeout=20, what="a second pass after wake()")
+    finally:
+        router.stop()
+    assert router._thread is not None and not router._thread.is_alive()

@@ -110,8 +110,13 @@ class Executor:
         *,
         executor_id: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        on_written: Callable[[], None] | None = None,
     ) -> None:
+        """``on_written`` is called (on the executor's thread) after a job's results are committed:
+        the node wakes its dispatcher with it, so delivery does not wait for the next poll."""
         from pipelines.bundles import models_dir
+
+        self.on_written = on_written
 
         self.sessions = sessions
         self.settings = settings
@@ -198,7 +203,10 @@ class Executor:
     def _spawn(self, slot: Slot) -> None:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
-            target=worker_main, args=(child, slot.name, os.getpid()), name=f"segnode-{slot.name}", daemon=True
+            target=worker_main,
+            args=(child, slot.name, os.getpid(), self.cfg.preload_pipelines),
+            name=f"segnode-{slot.name}",
+            daemon=True,
         )
         proc.start()
         child.close()
@@ -512,6 +520,8 @@ class Executor:
                 },
                 at=now,
             )
+        if self.on_written is not None:
+            self.on_written()
 
     @staticmethod
     def _result_row(job_id: int, job_uid: str, f: ResultInfo, now: datetime) -> JobResult:

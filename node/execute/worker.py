@@ -5,6 +5,10 @@ folder (fsynced), and answers with ``TaskDone`` (file descriptions), ``TaskRefus
 bad input, not retried) or ``TaskCrashed`` (any other exception: retried). A hard crash (segfault, OOM kill)
 simply ends the process; the executor sees that. When the node process dies (even by SIGKILL) the worker
 notices its parent is gone and exits, so an orphan never keeps running a job.
+
+With ``preload`` (``executor.preload_pipelines``) a new worker imports every registered pipeline's code
+(torch, onnxruntime, highdicom, ...: seconds of CPU) before it waits for its first task, so that a job
+does not wait for those imports; models are still opened by the pipelines when they run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -173,11 +178,16 @@ def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(conn: Connection, name: str, parent_pid: int) -> None:
+def worker_main(conn: Connection, name: str, parent_pid: int, preload: bool = False) -> None:
     """Entry point of the worker process: serve tasks until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the node, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _watch_parent(parent_pid)
+    if preload:
+        from pipelines.registry import preload_code
+
+        for problem in preload_code():
+            print(f"segnode {name}: cannot preload pipeline {problem}", file=sys.stderr, flush=True)
     cache: dict[str, Any] = {}
     while True:
         try:

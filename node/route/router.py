@@ -89,6 +89,7 @@ class Router:
         self.poll_seconds = poll_seconds
         self.clock = clock
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._versions: dict[str, int] = {}
         self._signature: tuple[object, ...] | None = None
@@ -335,8 +336,16 @@ class Router:
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Route now rather than at the next poll (the completion monitor calls this)."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
+        while True:
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.route_once()
             except Exception:  # keep routing alive across transient errors; each pass retries
@@ -344,5 +353,6 @@ class Router:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

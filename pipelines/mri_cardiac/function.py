@@ -36,6 +36,16 @@ def largest_component(mask: BoolArray) -> BoolArray:
     return keep
 
 
+def _bounding_box(mask: BoolArray, grow: tuple[int, ...]) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every True voxel of ``mask`` (not empty), grown by ``grow``
+    voxels per axis and clipped to the array."""
+    box = []
+    for axis, size in enumerate(mask.shape):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, int(hits[0]) - grow[axis]), min(size, int(hits[-1]) + 1 + grow[axis])))
+    return tuple(box)
+
+
 def _component_touching(mask: BoolArray, anchor: BoolArray) -> BoolArray:
     """The connected component of ``mask`` sharing the longest border with ``anchor`` (in-plane
     neighbours); the largest component where none touches it."""
@@ -49,8 +59,10 @@ def _component_touching(mask: BoolArray, anchor: BoolArray) -> BoolArray:
     if anchor.any():
         in_plane = np.zeros((3,) * mask.ndim, dtype=bool)
         in_plane[1] = True  # neighbours within the slice (axis 0 is the slice axis)
-        near_anchor = ndimage.binary_dilation(anchor, structure=in_plane)
-        contact = np.bincount(components[near_anchor], minlength=count + 1)
+        # dilated within the anchor's bounding box grown by one voxel in-plane: all it can reach
+        box = _bounding_box(anchor, grow=(0,) + (1,) * (mask.ndim - 1))
+        near_anchor = ndimage.binary_dilation(anchor[box], structure=in_plane)
+        contact = np.bincount(components[box][near_anchor], minlength=count + 1)
         contact[0] = 0
         if contact.max() > 0:
             keep: BoolArray = components == int(np.argmax(contact))
@@ -64,7 +76,20 @@ def clean_labels(labels: LabelArray, values: Mapping[Structure, int]) -> LabelAr
     component; the LV cavity and the RV keep the component that borders that myocardium most (the
     largest where none does), so that a bright structure elsewhere (fat, another blood pool) cannot
     outvote the heart; holes in the LV cavity are filled slice by slice (papillary muscles belong to the
-    blood pool, as in ACDC). Dropped voxels become background."""
+    blood pool, as in ACDC). Dropped voxels become background.
+
+    The work is done on the bounding box of the labelled voxels grown by one voxel: components,
+    contacts and holes are the same there as in the whole image (the one-voxel ring is background
+    that reaches the image border), and the heart is a small part of a cine field of view."""
+    if not labels.any():
+        return np.zeros_like(labels)
+    box = _bounding_box(labels != 0, grow=(1,) * labels.ndim)
+    out = np.zeros_like(labels)
+    out[box] = _clean_box(labels[box], values)
+    return out
+
+
+def _clean_box(labels: LabelArray, values: Mapping[Structure, int]) -> LabelArray:
     out = np.zeros_like(labels)
     myo = largest_component(labels == values[Structure.MYO])
     out[myo] = values[Structure.MYO]

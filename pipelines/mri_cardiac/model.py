@@ -19,7 +19,9 @@ its acquisition plane, never reoriented.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,16 +182,44 @@ def normalise(image: FloatArray, method: str) -> FloatArray:
 def resample_image(
     image: FloatArray, spacing: tuple[float, ...], target: tuple[float, ...], axes: tuple[int, ...]
 ) -> FloatArray:
-    """Cubic resampling of ``image`` (X, Y, Z) to ``target`` spacing along ``axes``."""
+    """Cubic resampling of ``image`` (X, Y, Z) to ``target`` spacing along ``axes``: what
+    ``ndimage.zoom(order=3, mode="nearest")`` (the trainer's resampling) gives, computed axis by axis as
+    matrix products (the cubic B-spline zoom is separable and linear along each axis), about 10x faster."""
     factors = [1.0, 1.0, 1.0]
     for a in axes:
         factors[a] = spacing[a] / target[a]
     if all(abs(f - 1.0) < 1e-3 for f in factors):
         return image
     shape = [max(1, round(s * f)) for s, f in zip(image.shape, factors, strict=True)]
-    zoom = [n / s for n, s in zip(shape, image.shape, strict=True)]
-    out: FloatArray = ndimage.zoom(image, zoom, order=3, mode="nearest").astype(np.float32)
-    return out
+    out: npt.NDArray[np.float64] = image.astype(np.float64)
+    for axis, (n_in, n_out) in enumerate(zip(image.shape, shape, strict=True)):
+        if n_in != n_out:
+            moved = np.tensordot(cubic_zoom_matrix(n_in, n_out), out, axes=(1, axis))  # axis first
+            out = np.moveaxis(moved, 0, axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def first_argmax(scores: FloatArray) -> npt.NDArray[np.uint8]:
+    """``scores.argmax(axis=0)`` (the first channel on ties) as uint8, channel by channel: numpy's
+    reduction over the outer axis is slower than K-1 element-wise passes for the few channels here."""
+    best = scores[0].copy()
+    index = np.zeros(scores.shape[1:], dtype=np.uint8)
+    for k in range(1, scores.shape[0]):
+        higher = scores[k] > best
+        index[higher] = k
+        np.maximum(best, scores[k], out=best)
+    return index
+
+
+@functools.lru_cache(maxsize=64)
+def cubic_zoom_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
+    """The (n_out, n_in) matrix of ``ndimage.zoom(order=3, mode="nearest")`` along one axis of length
+    ``n_in`` to ``n_out``: the zoom is linear, so its columns are the zooms of the unit vectors."""
+    if n_in == 1:
+        return np.ones((n_out, 1))
+    matrix: npt.NDArray[np.float64] = ndimage.zoom(np.eye(n_in), (n_out / n_in, 1.0), order=3, mode="nearest")
+    matrix.setflags(write=False)
+    return matrix
 
 
 class _SliceBackend:
@@ -267,6 +297,10 @@ class CardiacModel:
     ) -> None:
         self.bundle = bundle
         self.notes: list[str] = []
+        #: Seconds spent so far in each stage of ``probabilities``: ``prep`` (resampling and
+        #: normalisation), ``net`` (the sliding-window network passes) and ``post`` (resampling the
+        #: probabilities back to the image grid).
+        self.stage_seconds: dict[str, float] = {"prep": 0.0, "net": 0.0, "post": 0.0}
         self.spec = spec
         self.backend = backend
         if spec.slice_axis is None:
@@ -302,7 +336,17 @@ class CardiacModel:
         """(slice, row, column) modality values with ``spacing`` (slice, row, column) mm ->
         (K, slice, row, column) probabilities (or logits when the model has no activation).
         ``slices``: predict only those slices; the normalisation still sees the whole phase."""
+        t0 = time.perf_counter()
+        out: FloatArray = self._probabilities_kxyz(voxels, spacing, slices).numpy().transpose(0, 3, 2, 1)
+        self.stage_seconds["post"] += time.perf_counter() - t0
+        return out
+
+    def _probabilities_kxyz(
+        self, voxels: FloatArray, spacing: tuple[float, float, float], slices: slice | None
+    ) -> torch.Tensor:
+        """As ``probabilities``, as a (K, column, row, slice) tensor."""
         spec = self.spec
+        t0 = time.perf_counter()
         if slices is not None and spec.slice_axis is None:
             voxels, slices = voxels[slices], None  # a 3D model sees only the slices asked for
         xyz = np.ascontiguousarray(voxels.transpose(2, 1, 0), dtype=np.float32)  # (column, row, slice)
@@ -312,14 +356,18 @@ class CardiacModel:
         if slices is not None:
             image, xyz = image[:, :, slices], xyz[:, :, slices]
         size = xyz.shape
+        t1 = time.perf_counter()
+        self.stage_seconds["prep"] += t1 - t0
         if spec.slice_axis is None:
             probs = torch.from_numpy(self._inferer(image[np.newaxis]))
+            t1 = self._net_done(t1)
             if tuple(probs.shape[1:]) != size:
                 probs = F.interpolate(probs[None], size=list(size), mode="trilinear", align_corners=False)[0]
         else:
             axis = spec.slice_axis
             stack = np.moveaxis(image, axis, 0)  # (slice, a, b)
             probs = torch.from_numpy(self._inferer(stack[np.newaxis]))  # (K, slice, a, b)
+            t1 = self._net_done(t1)
             in_plane = [s for a, s in enumerate(size) if a != axis]
             if list(probs.shape[2:]) != in_plane:
                 probs = F.interpolate(
@@ -327,16 +375,23 @@ class CardiacModel:
                 )
                 probs = probs.transpose(0, 1)
             probs = torch.movedim(probs, 1, axis + 1)  # (K, X, Y, Z)
-        out: FloatArray = probs.numpy().transpose(0, 3, 2, 1)  # (K, slice, row, column)
-        return out
+        self.stage_seconds["post"] += time.perf_counter() - t1
+        return probs
+
+    def _net_done(self, started: float) -> float:
+        now = time.perf_counter()
+        self.stage_seconds["net"] += now - started
+        return now
 
     def segment(
         self, voxels: FloatArray, spacing: tuple[float, float, float], slices: slice | None = None
     ) -> npt.NDArray[np.uint8]:
         """(slice, row, column) label map of one phase (of ``slices`` only when given), before
         post-processing."""
-        probabilities = self.probabilities(voxels, spacing, slices)
-        labels: npt.NDArray[np.uint8] = probabilities.argmax(axis=0).astype(np.uint8)
+        probabilities = self._probabilities_kxyz(voxels, spacing, slices)
+        t0 = time.perf_counter()
+        labels = first_argmax(probabilities.numpy()).transpose(2, 1, 0).copy()
+        self.stage_seconds["post"] += time.perf_counter() - t0
         return labels
 
 
