@@ -40,7 +40,9 @@ class Database:
     def open(cls, settings: Settings, migrate: bool = True) -> Database:
         """Open (and migrate) the database; a database that never had rules gets the shipped defaults."""
         settings.storage.path.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(settings.database_url, echo=settings.database.echo)
+        engine = make_engine(
+            settings.database_url, echo=settings.database.echo, durable=settings.storage.fsync
+        )
         db = cls(engine, make_session_factory(engine))
         if migrate:
             upgrade(engine)

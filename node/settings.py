@@ -126,7 +126,11 @@ class StorageSection(Section):
         ge=0,
         description="Refuse new instances (status 0xA700) when less than this would stay free.",
     )
-    fsync: bool = Field(True, description="fsync each instance and its folder before acknowledging it.")
+    fsync: bool = Field(
+        True,
+        description="fsync each instance, its folder and the SQLite commit before acknowledging it, so it "
+        "survives power loss; false: it survives a crash of the node (kill -9), not of the machine.",
+    )
 
 
 class DatabaseSection(Section):

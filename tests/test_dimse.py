@@ -66,7 +66,10 @@ def test_echo_and_store_series_with_storescu(node: RunningNode, tmp_path: Path) 
         assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(path).PixelData
     wait_for(lambda: (s := series_row(node, spec.series_uid)) and s.state == "complete", what="completion")
     trail = events(node, study_uid=spec.study_uid)
-    assert types(trail) == ["instance.stored"] * 12 + ["series.completed"]
+    # the router runs as soon as the series completes: its events may already follow
+    head, rest = types(trail)[:13], types(trail)[13:]
+    assert head == ["instance.stored"] * 12 + ["series.completed"]
+    assert all(kind.startswith(("route.", "job.")) for kind in rest), rest
     completed = as_event(next(e for e in trail if e.event_type == "series.completed"))
     assert completed.details()["reason"] == "quiet"
     assert completed.details()["instance_count"] == 12
@@ -136,7 +139,8 @@ def test_duplicate_identical_and_changed_resend(node: RunningNode, tmp_path: Pat
         lambda: (s := series_row(node, spec.series_uid)) and s.state == "complete" and s.generation == 2,
         what="second completion",
     )
-    trail = types(events(node, study_uid=spec.study_uid))
+    # routing events (the router runs as soon as a series completes) interleave; this is about ingest
+    trail = [t for t in types(events(node, study_uid=spec.study_uid)) if not t.startswith(("route.", "job."))]
     assert trail == [
         "instance.stored",
         "instance.stored",

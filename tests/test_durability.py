@@ -25,10 +25,11 @@ def _instances(node: RunningNode) -> dict[str, Instance]:
         return {r.sop_instance_uid: r for r in s.scalars(select(Instance)).all()}
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "fsync"), [(1, "true"), (2, "false")])
+def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int, fsync: str) -> None:
+    """kill -9 at a random moment; with storage.fsync false too (it gives up power-loss safety only)."""
     storage = tmp_path / "st"
-    running = start_node(storage)
+    running = start_node(storage, extra_env={"SEGNODE_STORAGE__FSYNC": fsync})
     spec = SeriesSpec(n=250, size=96)
     datasets = ct_series(spec)
     acknowledged: list[str] = []
@@ -181,3 +182,17 @@ def test_min_free_bytes_refuses_before_writing(tmp_path: Path) -> None:
         assert _instances(running) == {}
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(("fsync", "synchronous"), [(True, 2), (False, 1)])
+def test_sqlite_commits_follow_storage_fsync(tmp_path: Path, fsync: bool, synchronous: int) -> None:
+    """storage.fsync also decides whether each SQLite commit is fsynced (FULL = 2) or not (NORMAL = 1)."""
+    from sqlalchemy import text
+
+    from node.service import Database
+    from node.settings import Settings
+
+    db = Database.open(Settings(storage={"path": tmp_path, "fsync": fsync}))
+    with db.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == synchronous
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"

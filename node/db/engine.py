@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +11,24 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # FULL: each commit fsyncs the WAL, so an acknowledged instance survives power loss too.
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=60000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
+    def apply(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return apply
 
 
-def make_engine(url: str, echo: bool = False) -> Engine:
-    """Create an engine; for SQLite the parent folder is created and WAL is switched on."""
+def make_engine(url: str, echo: bool = False, durable: bool = True) -> Engine:
+    """Create an engine; for SQLite the parent folder is created and WAL is switched on.
+
+    ``durable`` (``storage.fsync``): every SQLite commit fsyncs the WAL (``synchronous=FULL``), so what
+    was acknowledged survives power loss too; without it (``NORMAL``) commits survive a crash of the
+    process, not of the machine, and the database stays consistent either way."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if parsed.get_backend_name() == "sqlite":
@@ -36,7 +43,7 @@ def make_engine(url: str, echo: bool = False) -> Engine:
         kwargs["max_overflow"] = 32
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas("FULL" if durable else "NORMAL"))
         # pysqlite's own transaction handling defers BEGIN; emit BEGIN IMMEDIATE ourselves so that
         # concurrent writers queue on the lock instead of failing to upgrade a read lock.
         event.listen(engine, "connect", lambda c, r: setattr(c, "isolation_level", None))

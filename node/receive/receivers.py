@@ -228,7 +228,9 @@ def receiver_main(settings_data: dict[str, Any], port: int, index: int, parent: 
     from node.receive.spool import Spool
 
     try:
-        engine = make_engine(settings.database_url, echo=settings.database.echo)
+        engine = make_engine(
+            settings.database_url, echo=settings.database.echo, durable=settings.storage.fsync
+        )
         spool = Spool(
             settings.spool_dir,
             settings.incoming_dir,
