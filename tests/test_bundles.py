@@ -232,3 +232,37 @@ def test_install_ct_liver_for_real() -> None:
     # the manifest on disk is what was validated
     text = (liver.path / MANIFEST_NAME).read_text()
     assert text == dump_manifest(liver.manifest)
+
+
+def test_warm_cache_opens_once_and_closes_what_it_evicts() -> None:
+    from pipelines.bundles.warm import WarmCache
+
+    closed: list[str] = []
+    cache: WarmCache[str] = WarmCache(close=closed.append, capacity=2)
+    assert cache.get("a", lambda: "model-a") == ("model-a", False)
+    assert cache.get("a", lambda: "other") == ("model-a", True)
+    cache.get("b", lambda: "model-b")
+    cache.get("a", lambda: "unused")  # a is now the most recently used
+    cache.get("c", lambda: "model-c")  # evicts b
+    assert closed == ["model-b"] and cache.opened == 3 and len(cache) == 2
+    cache.discard("a")
+    cache.clear()
+    assert closed == ["model-b", "model-a", "model-c"] and len(cache) == 0
+    with pytest.raises(ValueError, match="capacity"):
+        WarmCache(close=closed.append, capacity=0)
+
+
+def test_files_signature_changes_with_the_bundle_folder(tmp_path: Path) -> None:
+    from pipelines.bundles.warm import files_signature
+
+    (tmp_path / "net" / "1.0.0").mkdir(parents=True)
+    weights = tmp_path / "net" / "1.0.0" / "model.onnx"
+    weights.write_bytes(b"one")
+    first = files_signature(tmp_path, "net", "absent")
+    assert first == files_signature(tmp_path, "net", "absent") and len(first) == 1
+    weights.write_bytes(b"two!")  # replaced in place
+    second = files_signature(tmp_path, "net")
+    assert second != first
+    (tmp_path / "net" / "1.1.0").mkdir()
+    (tmp_path / "net" / "1.1.0" / "manifest.yaml").write_text("name: net\n")  # a new version
+    assert len(files_signature(tmp_path, "net")) == 2

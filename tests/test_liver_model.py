@@ -138,3 +138,24 @@ def test_liver_dice_on_chaos_mr() -> None:
     assert len(scores) >= 3
     assert float(np.mean(list(scores.values()))) >= 0.85
     assert min(scores.values()) >= 0.75
+
+
+def test_networks_stay_loaded_when_kept() -> None:
+    """On a GPU the ct-liver pipeline keeps both runtimes between steps and jobs (``keep_loaded``); on the
+    CPU each is created for its step and released after it."""
+    import dataclasses
+
+    from tests.liver_support import networks
+
+    released = networks("onnxruntime")
+    assert released.keep_loaded is False  # open_networks on the CPU
+    with released.open("liver") as first:
+        pass
+    assert first._backend is None  # closed at the end of its step
+    kept = dataclasses.replace(released, keep_loaded=True, _kept={})
+    with kept.open("lesion") as net:
+        pass
+    assert kept.open("lesion") is net and net._backend is not None
+    kept.close()
+    assert net._backend is None and kept.open("lesion") is not net
+    kept.close()

@@ -195,3 +195,28 @@ def test_ed_es_mode_segments_two_phases(tmp_path: Path) -> None:
         assert m["lv_edv_ml"] == pytest.approx(full["lv_edv_ml"]) and m["lv_mass_g"] == pytest.approx(
             full["lv_mass_g"]
         )
+
+
+def test_a_worker_opens_the_model_once(tmp_path: Path) -> None:
+    """The warm model cache: the second job on the same pipeline object reuses the opened model; a changed
+    bundle folder (a version installed or replaced) opens it again."""
+    files = sorted((need_shared(*CASE) / "dicom").glob("*.dcm"))
+    models = tmp_path / "models"
+    shutil.copytree(storage().models / "mri-cardiac", models / "mri-cardiac")
+    pipeline = MriCardiacPipeline()
+
+    def job(n: int) -> dict[str, object]:
+        request = PipelineRequest(
+            series_files=files,
+            output_dir=tmp_path / f"out{n}",
+            models_dir=models,
+            parameters={"phases": "ed_es", "ed_phase": 0, "es_phase": 8},
+        )
+        return dict(pipeline.run(request).measurements)
+
+    first, second = job(1), job(2)
+    assert (first["model_warm"], second["model_warm"]) == (False, True)
+    assert pipeline._models.opened == 1
+    assert second["lv_edv_ml"] == first["lv_edv_ml"] and second["lv_esv_ml"] == first["lv_esv_ml"]
+    (models / "mri-cardiac" / "NOTES.txt").write_text("an operator's note: the folder changed\n")
+    assert job(3)["model_warm"] is False and pipeline._models.opened == 2

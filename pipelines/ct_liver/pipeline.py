@@ -38,10 +38,12 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineError, PipelineOutput, PipelineRequest
+from pipelines.bundles.warm import WarmCache, files_signature
 from pipelines.ct_liver.models import BACKENDS, BackendName, LiverNetworks, open_networks
 from pipelines.ct_liver.orientation import to_ras
 from pipelines.ct_liver.processing import ProcessingError, count_components
 from pipelines.ct_liver.segment import segment
+from pipelines.liver import LESION_BUNDLE, LIVER_BUNDLE
 from pipelines.outputs import (
     LIVER,
     LIVER_LESION,
@@ -135,7 +137,13 @@ def _source_headers(volume: Volume, substitute: bool, notes: list[str]) -> list[
 
 
 class CtLiverPipeline:
+    """The pipeline; it keeps its verified bundles (and on a GPU the networks' runtimes) between the jobs
+    of one worker process."""
+
     name = PIPELINE_NAME
+
+    def __init__(self) -> None:
+        self._networks: WarmCache[LiverNetworks] = WarmCache(close=lambda networks: networks.close())
 
     def run(self, request: PipelineRequest) -> PipelineOutput:
         started = time.perf_counter()
@@ -151,15 +159,26 @@ class CtLiverPipeline:
                 "unsupported_modality",
                 f"ct-liver takes CT or MR series, this one is {modality or 'unknown'!r}",
             )
-        networks = open_networks(request.models_dir, params.backend, request.device, params.threads)
+        cache_key = (
+            str(request.models_dir.resolve()),
+            files_signature(request.models_dir, LIVER_BUNDLE, LESION_BUNDLE),
+            params.backend,
+            request.device,
+            params.threads,
+        )
+        networks, warm = self._networks.get(
+            cache_key,
+            lambda: open_networks(request.models_dir, params.backend, request.device, params.threads),
+        )
         timings["load_models"] = round(time.perf_counter() - t, 3)
-        return self._run(request, params, networks, modality, timings, notes, started)
+        return self._run(request, params, networks, warm, modality, timings, notes, started)
 
     def _run(
         self,
         request: PipelineRequest,
         params: Parameters,
         networks: LiverNetworks,
+        warm: bool,
         modality: str,
         timings: dict[str, float],
         notes: list[str],
@@ -198,6 +217,7 @@ class CtLiverPipeline:
         measurements: dict[str, Any] = {
             "modality": modality,
             "backend": networks.backend,
+            "models_warm": warm,  # opened by an earlier job of this worker
             "liver_volume_ml": round(liver_ml, 2),
             "liver_voxels": int(liver.sum()),
             "models": {
