@@ -8,7 +8,8 @@ notices its parent is gone and exits, so an orphan never keeps running a job.
 
 With ``preload`` (``executor.preload_pipelines``) a new worker imports every registered pipeline's code
 (torch, onnxruntime, highdicom, ...: seconds of CPU) before it waits for its first task, so that a job
-does not wait for those imports; models are still opened by the pipelines when they run.
+does not wait for those imports (``pipelines.registry.preload_code``). Models are opened by the pipelines
+on their first job and kept with the pipeline object (``pipelines.bundles.warm``) for the next ones.
 """
 
 from __future__ import annotations
