@@ -14,7 +14,7 @@ Splits (wall clock; audit events are stamped by the node, the two ends by this p
 - completion wait: last C-STORE response -> ``series.completed``
 - routing: ``series.completed`` -> ``job.created``
 - queue wait: ``job.created`` -> ``job.running``
-- load: the pipeline's ``load_models`` (or ``load_model``) + ``load_volume`` + ``*_open`` timings
+- load: the pipeline's ``load_models`` + ``load_volume`` + ``*_open`` timings
 - inference: the pipeline's network timings (``*_net``, or ``inference``)
 - pre/post-processing: the pipeline's other timings (crop, resample, post-processing)
 - SEG/SR write: the pipeline's ``write_outputs``
@@ -135,8 +135,7 @@ def splits(outcome: Outcome, quiet_seconds: float) -> dict[str, Any]:
     assert completed and created and running
     written = written_item.at
     timings: dict[str, float] = {k: float(v) for k, v in (written_item.details.get("timings") or {}).items()}
-    load_keys = ("load_models", "load_model", "load_volume")
-    load = sum(v for k, v in timings.items() if k in load_keys or k.endswith("_open"))
+    load = sum(v for k, v in timings.items() if k in ("load_models", "load_volume") or k.endswith("_open"))
     inference = sum(v for k, v in timings.items() if k.endswith("_net") or k == "inference")
     write = sum(v for k, v in timings.items() if k.startswith("write"))
     pipeline_total = timings.get("total", load + inference + write)

@@ -34,6 +34,11 @@ def files_signature(models_dir: Path, *names: str) -> tuple[tuple[str, int, int]
     return tuple(sorted(found))
 
 
+def bundle_key(models_dir: Path, *names: str) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """The part of a cache key that names the bundles a model was opened from, as they are on disk now."""
+    return str(models_dir.resolve()), files_signature(models_dir, *names)
+
+
 class WarmCache(Generic[T]):
     """At most ``capacity`` opened values, least recently used evicted (and ``close``d) first."""
 
@@ -57,12 +62,6 @@ class WarmCache(Generic[T]):
             _, old = self._items.popitem(last=False)
             self._close(old)
         return value, False
-
-    def discard(self, key: Hashable) -> None:
-        """Close and forget ``key`` (after an error that may have left its value unusable)."""
-        value = self._items.pop(key, None)
-        if value is not None:
-            self._close(value)
 
     def clear(self) -> None:
         while self._items:

@@ -51,10 +51,10 @@ class Network:
     A ``kept`` network (``LiverNetworks.keep_loaded``) stays open when its ``with`` block ends; its
     ``LiverNetworks`` closes it."""
 
-    def __init__(self, backend: Backend, kept: bool = False) -> None:
+    def __init__(self, backend: Backend) -> None:
         self._backend: Backend | None = backend
         self.name = backend.name
-        self.kept = kept
+        self.kept = False
 
     def __call__(self, patch: FloatArray) -> FloatArray:
         if self._backend is None:

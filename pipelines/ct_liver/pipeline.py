@@ -38,7 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineError, PipelineOutput, PipelineRequest
-from pipelines.bundles.warm import WarmCache, files_signature
+from pipelines.bundles.warm import WarmCache, bundle_key
 from pipelines.ct_liver.models import BACKENDS, BackendName, LiverNetworks, open_networks
 from pipelines.ct_liver.orientation import to_ras
 from pipelines.ct_liver.processing import ProcessingError, count_components
@@ -160,8 +160,7 @@ class CtLiverPipeline:
                 f"ct-liver takes CT or MR series, this one is {modality or 'unknown'!r}",
             )
         cache_key = (
-            str(request.models_dir.resolve()),
-            files_signature(request.models_dir, LIVER_BUNDLE, LESION_BUNDLE),
+            *bundle_key(request.models_dir, LIVER_BUNDLE, LESION_BUNDLE),
             params.backend,
             request.device,
             params.threads,

@@ -36,7 +36,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipelines.base import PipelineError, PipelineOutput, PipelineRequest
-from pipelines.bundles.warm import WarmCache, files_signature
+from pipelines.bundles.warm import WarmCache, bundle_key
 from pipelines.mri_cardiac.function import (
     CardiacFunction,
     cardiac_function,
@@ -324,8 +324,7 @@ class MriCardiacPipeline:
 
         t0 = time.perf_counter()
         cache_key = (
-            str(request.models_dir.resolve()),
-            files_signature(request.models_dir, BUNDLE_NAME),
+            *bundle_key(request.models_dir, BUNDLE_NAME),
             params.backend,
             request.device,
             params.threads,
@@ -339,7 +338,7 @@ class MriCardiacPipeline:
             ),
         )
         before = dict(model.stage_seconds)
-        timings["load_model"] = round(time.perf_counter() - t0, 3)
+        timings["load_models"] = round(time.perf_counter() - t0, 3)
         notes.extend(model.notes)
         t0 = time.perf_counter()
         ed_given, es_given = params.ed_phase, params.es_phase
