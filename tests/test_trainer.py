@@ -126,6 +126,51 @@ def test_resume_is_exact(acdc: Path, planned: Path, tmp_path: Path) -> None:
         assert torch.equal(v, b["model"][k]), k
 
 
+def test_init_weights_fine_tunes_from_a_checkpoint(
+    acdc: Path, planned: Path, trained: Path, tmp_path: Path
+) -> None:
+    # stop before the first step: the network is exactly the checkpoint's, the schedule starts at 0
+    _train(
+        acdc,
+        planned,
+        tmp_path / "tuned",
+        "--max-iterations",
+        "4",
+        "--stop-after",
+        "0",
+        "--init-weights",
+        str(trained / "checkpoint_final.pt"),
+    )
+    start = torch.load(tmp_path / "tuned" / "checkpoint_last.pt", weights_only=False)
+    source = torch.load(trained / "checkpoint_final.pt", weights_only=False)
+    assert start["iteration"] == 0 and start["history"]["loss"] == []
+    for k, v in source["model"].items():
+        assert torch.equal(v, start["model"][k]), k
+    # then it trains on from there (same topology, fresh optimiser)
+    _train(acdc, planned, tmp_path / "tuned", "--max-iterations", "4")
+    after = torch.load(tmp_path / "tuned" / "checkpoint_last.pt", weights_only=False)
+    assert after["iteration"] == 4
+    assert any(not torch.equal(v, after["model"][k]) for k, v in source["model"].items())
+
+
+def test_init_weights_refuses_another_topology(
+    acdc: Path, planned: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "plan"
+    small = [*TINY[:2], "--base-filters", "4", *TINY[4:]]
+    assert main(["plan", str(acdc), "--out", str(other), "--max-cases", CASES, *small]) == 0
+    ckpt = str(trained / "checkpoint_final.pt")
+    common = ["--max-cases", CASES, "--threads", "1", "--max-iterations", "2", "--init-weights"]
+    run = ["train", str(acdc), "--plan", str(other / "plan.json"), "--out", str(tmp_path / "a")]
+    assert main([*run, *common, ckpt]) != 0
+    err = capsys.readouterr().err
+    assert "filters=[8, 16, 32, 32], this plan has [4, 8, 16, 32]" in err
+    assert not (tmp_path / "a" / "checkpoint_last.pt").exists()
+    run = ["train", str(acdc), "--plan", str(planned / "plan.json"), "--out", str(tmp_path / "b")]
+    assert main([*run, *common, str(tmp_path / "missing.pt")]) != 0
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("plan_args", "train_args"),
     [

@@ -93,6 +93,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         max_cases=a.max_cases,
         log_every=a.log_every,
         stop_after=a.stop_after,
+        init_weights=a.init_weights,
     )
     summary = train(ds, plan, cfg, resume=not a.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}, indent=None))
@@ -355,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--patch-size", type=_ints)
     sp.add_argument("--log-every", type=int, default=10)
     sp.add_argument("--stop-after", type=int, help="stop (checkpointed) after N iterations of this session")
+    sp.add_argument(
+        "--init-weights",
+        type=Path,
+        help="fine-tune: start from this checkpoint's network weights (same topology) with a fresh "
+        "optimiser and schedule; ignored when resuming the output folder's own checkpoint",
+    )
     sp.set_defaults(func=cmd_train)
 
     def model_eval_args(sp: argparse.ArgumentParser) -> None:

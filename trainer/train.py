@@ -51,6 +51,7 @@ class TrainConfig:
     max_cases: int | None = None
     log_every: int = 10
     stop_after: int | None = None  # iterations in this session, then checkpoint and stop (resume later)
+    init_weights: Path | None = None  # start from these network weights (fresh optimiser and schedule)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,6 +142,28 @@ def validate(model: torch.nn.Module, cases: list[Prepared], plan: Plan, cfg: Tra
     }
 
 
+def load_initial_weights(model: torch.nn.Module, path: Path, plan: Plan, dev: torch.device) -> None:
+    """Load a checkpoint's network weights into ``model`` (fine-tuning: fresh optimiser and schedule).
+
+    The checkpoint must come from the same network topology: a plan that differs in network, dimension,
+    kernels, strides, filters or classes is refused naming the first difference.
+    """
+    if not path.is_file():
+        raise ValueError(f"--init-weights {path}: no such checkpoint file")
+    state = torch.load(path, map_location=dev, weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"--init-weights {path}: not a segnode-train checkpoint (no 'model' weights)")
+    theirs = state.get("plan") or {}
+    mine = asdict(plan)
+    for key in ("network", "dim", "kernels", "strides", "filters", "num_classes", "channels", "norm"):
+        if key in theirs and key in mine and theirs[key] != mine[key]:
+            raise ValueError(
+                f"--init-weights {path}: its plan has {key}={theirs[key]!r}, this plan has {mine[key]!r}; "
+                "initial weights must come from the same network topology"
+            )
+    model.load_state_dict(state["model"])
+
+
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     return rng.bit_generator.state  # type: ignore[no-any-return]
 
@@ -209,6 +232,9 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         it, elapsed, history, best = state["iteration"], state["elapsed"], state["history"], state["best"]
         prog.message(f"resumed from {ckpt} at iteration {it} ({elapsed / 60:.1f} min trained)")
+    elif cfg.init_weights is not None:
+        load_initial_weights(model, Path(cfg.init_weights), plan, dev)
+        prog.message(f"initialised the network from {cfg.init_weights}")
     prog.message(
         f"network {plan.network} {count_parameters(model) / 1e6:.2f} M parameters, "
         f"patch {plan.patch_size}, batch {plan.batch_size}, device {dev}"
