@@ -44,7 +44,7 @@ serve: system-deps $(STAMP)
 	$(BIN)/segnode serve $(if $(CONFIG),--config $(CONFIG),)
 
 test: system-deps $(STAMP) $(JS_STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check node pipelines trainer tests bench
