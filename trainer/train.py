@@ -16,6 +16,7 @@ import torch
 from monai.losses import DiceCELoss, DiceFocalLoss, TverskyLoss
 
 from trainer.augment import AugmentConfig, intensity, spatial
+from trainer.checkpoint import initial_weights
 from trainer.curves import write_curves
 from trainer.data import RawDataset, split_groups
 from trainer.infer import dice_per_class, predict_case
@@ -142,28 +143,6 @@ def validate(model: torch.nn.Module, cases: list[Prepared], plan: Plan, cfg: Tra
     }
 
 
-def load_initial_weights(model: torch.nn.Module, path: Path, plan: Plan, dev: torch.device) -> None:
-    """Load a checkpoint's network weights into ``model`` (fine-tuning: fresh optimiser and schedule).
-
-    The checkpoint must come from the same network topology: a plan that differs in network, dimension,
-    kernels, strides, filters or classes is refused naming the first difference.
-    """
-    if not path.is_file():
-        raise ValueError(f"--init-weights {path}: no such checkpoint file")
-    state = torch.load(path, map_location=dev, weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"--init-weights {path}: not a segnode-train checkpoint (no 'model' weights)")
-    theirs = state.get("plan") or {}
-    mine = asdict(plan)
-    for key in ("network", "dim", "kernels", "strides", "filters", "num_classes", "channels", "norm"):
-        if key in theirs and key in mine and theirs[key] != mine[key]:
-            raise ValueError(
-                f"--init-weights {path}: its plan has {key}={theirs[key]!r}, this plan has {mine[key]!r}; "
-                "initial weights must come from the same network topology"
-            )
-    model.load_state_dict(state["model"])
-
-
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
     return rng.bit_generator.state  # type: ignore[no-any-return]
 
@@ -182,6 +161,12 @@ def train(
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
+    ckpt = out / "checkpoint_last.pt"
+    resuming = resume and ckpt.is_file()
+    # checked before the data is prepared: a wrong --init-weights fails at once
+    initial = (
+        None if resuming or cfg.init_weights is None else initial_weights(Path(cfg.init_weights), plan, dev)
+    )
     plan.save(out / "plan.json")
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
 
@@ -221,8 +206,7 @@ def train(
     it, elapsed = 0, 0.0
     history: dict[str, Any] = {"loss": [], "val": [], "lr": []}
     best = -1.0
-    ckpt = out / "checkpoint_last.pt"
-    if resume and ckpt.is_file():
+    if resuming:
         state = torch.load(ckpt, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -232,8 +216,8 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         it, elapsed, history, best = state["iteration"], state["elapsed"], state["history"], state["best"]
         prog.message(f"resumed from {ckpt} at iteration {it} ({elapsed / 60:.1f} min trained)")
-    elif cfg.init_weights is not None:
-        load_initial_weights(model, Path(cfg.init_weights), plan, dev)
+    elif initial is not None:
+        model.load_state_dict(initial)
         prog.message(f"initialised the network from {cfg.init_weights}")
     prog.message(
         f"network {plan.network} {count_parameters(model) / 1e6:.2f} M parameters, "
