@@ -3,7 +3,8 @@
 The C-STORE handler has its collaborators bound in (``evt_handlers`` with arguments, as in
 pynetdicom's own examples): the data set has already been streamed, with its file meta, into a temp
 file under the spool's ``incoming/`` folder by the receive path (``node.receive.fast_dul``); the
-handler adopts that file (hash, fsync), has the ingestor record it, and answers. Nothing is decoded
+handler adopts that file (hashed while it arrived), has the ingestor record it (rename into the
+spool, one fsync, commit), and answers. Nothing is decoded
 beyond the few header attributes recorded.
 """
 
@@ -23,7 +24,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import events as ev
 from node.receive.fast_dul import FastAssociationServer, received_dataset
-from node.receive.header import HeaderError, InstanceHeader, read_header
+from node.receive.header import HeaderError, InstanceHeader
+from node.receive.header_scan import header_of_file
 from node.receive.ingest import Carrier, Ingestor
 from node.receive.spool import OutOfSpace, Spool, TempFile
 from node.receive.status import Status
@@ -161,7 +163,7 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 
 
 def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader | None]:
-    """The received data set as a fsynced temp file under incoming/, and its header when already parsed.
+    """The received data set as a temp file under incoming/, and its header when already parsed.
 
     Raises OutOfSpace or OSError; nothing is left in incoming/ then.
     """
@@ -173,7 +175,7 @@ def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader 
         if received.error is not None:
             raise received.error
         spool.check_space(0)  # as write_temp: what stays free after the instance is written
-        if received.sha256 is not None:  # hashed and fsynced while it was written
+        if received.sha256 is not None:  # hashed while it was written
             return TempFile(path=received.path, size=received.size, sha256=received.sha256), received.header
         return spool.adopt_temp(received.path), received.header
     except BaseException:
@@ -184,14 +186,14 @@ def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader 
 def _header(temp: TempFile) -> InstanceHeader | None:
     """Parse the header before taking the write gate; on failure ``Ingestor.store`` reports it."""
     try:
-        return read_header(temp.path)
+        return header_of_file(temp.path)
     except HeaderError:
         return None
 
 
 def handle_store(
     event: Any, ingestor: Ingestor, spool: Spool, carriers: CarrierTable, gate: WriteGate
-) -> Dataset:
+) -> Dataset | int:
     """C-STORE: spool the encoded data set durably, record it, answer. No pixel decoding here."""
     tracked = carriers.get(event.assoc)
     if tracked is None:  # should not happen: EVT_ACCEPTED always precedes a C-STORE
@@ -237,7 +239,7 @@ def handle_store(
     if result.ok:
         with tracked.lock:
             tracked.instances += 1
-        return _status(Status.SUCCESS)
+        return int(Status.SUCCESS)  # pynetdicom takes a bare status; no Dataset to build
     return _status(result.status, result.comment)
 
 

@@ -53,7 +53,6 @@ import select
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,6 +79,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.receive.header import InstanceHeader, read_header
+from node.receive.header_scan import scan_header
 from node.receive.spool import OutOfSpace, Spool
 from node.receive.store_codec import decode_c_store_rq, encode_c_store_rsp
 
@@ -183,11 +183,11 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
 class DatasetSink:
     """Writes one C-STORE data set, with preamble and file meta, to a new temp file under incoming/.
 
-    It also parses the instance header (``read_header``) from the first HEADER_PROBE_BYTES as soon as
-    they are in, while the rest of the data set is still arriving, and keeps it only when the parse
-    provably saw every attribute a parse of the whole file would: it stopped at a top-level Pixel Data
-    element inside the probe, or the probe holds the whole data set. Otherwise ``header`` stays None
-    and the file is parsed as usual.
+    It also parses the instance header (``scan_header``, or ``read_header`` where the scanner is not
+    sure) from the first HEADER_PROBE_BYTES as soon as they are in, while the rest of the data set is
+    still arriving, and keeps it only when the parse provably saw every attribute a parse of the whole
+    file would: it stopped at a top-level Pixel Data element inside the probe, or the probe holds the
+    whole data set. Otherwise ``header`` stays None and the file is parsed as usual.
     """
 
     def __init__(self, spool: Spool, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> None:
@@ -197,11 +197,9 @@ class DatasetSink:
         self._fd = -1
         self._probe: bytearray | None = None
         self._digest = hashlib.sha256()
-        self._fsync = spool.fsync
+        self._spool = spool
         try:
-            # As Spool.new_temp_path() names them, keeping the descriptor open.
-            self._fd, name = tempfile.mkstemp(dir=spool.incoming, suffix=".part")
-            self.path = Path(name)
+            self._fd, self.path = spool.open_temp()
         except OSError as exc:
             self.path = spool.incoming / f"unwritten-{os.getpid()}-{id(self):x}.part"
             self._fail(exc)
@@ -240,6 +238,10 @@ class DatasetSink:
         probe, self._probe = self._probe, None
         if probe is None or self.error is not None:
             return
+        scanned = scan_header(probe, complete)  # ~0.07 ms; None when it cannot be sure
+        if scanned is not None:
+            self.header = scanned
+            return
         fh = io.BytesIO(probe)
         try:
             header = read_header(fh)
@@ -269,9 +271,9 @@ class DatasetSink:
     def finish(self) -> ReceivedDataset:
         if self._probe is not None:
             self._parse_probe(complete=True)
-        if self._fsync and self.error is None and self._fd >= 0:
-            try:
-                os.fsync(self._fd)  # durable before the handler records it and answers Success
+        if self.error is None and self._fd >= 0:
+            try:  # a large file's data goes to disk now; Spool.commit fsyncs every file after its rename
+                self._spool.flush_early(self._fd, self.size)
             except OSError as exc:
                 self._fail(exc)
         self._close_fd()
