@@ -25,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from node.receive.header import _WANTED, HeaderError, InstanceHeader, read_header
+from node.receive.header import WANTED_TAGS, HeaderError, InstanceHeader, read_header
 from node.receive.header_scan import _WANTED_VR, scan_header
 from tests.conftest import SHARED
 
@@ -146,7 +146,7 @@ TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 def test_the_wanted_table_is_read_headers() -> None:
-    assert set(_WANTED_VR) == {int(t) for t in _WANTED} | {0x00080005}
+    assert set(_WANTED_VR) == {int(t) for t in WANTED_TAGS} | {0x00080005}
     for tag, vr in _WANTED_VR.items():
         assert dictionary_VR(tag) == vr.decode()
 

@@ -14,7 +14,8 @@ from pydicom.tag import BaseTag, Tag
 
 from node.receive.status import Status
 
-_WANTED = [
+#: The attributes read_header records (pydicom reads only these, plus Specific Character Set).
+WANTED_TAGS = [
     Tag(k)
     for k in (
         "SOPClassUID",
@@ -81,15 +82,23 @@ def _positive_int(ds: pydicom.Dataset, keyword: str) -> int | None:
     return number if number and number > 0 else None
 
 
-def _expected(ds: pydicom.Dataset) -> tuple[int | None, str | None]:
-    temporal = _positive_int(ds, "NumberOfTemporalPositions")
-    slices = _positive_int(ds, "NumberOfSlices")
+def expected_count(
+    temporal: int | None, slices: int | None, images: int | None
+) -> tuple[int | None, str | None]:
+    """How many instances a series announces, and which attributes said so (positive values only)."""
     if temporal and slices:
         return temporal * slices, "NumberOfTemporalPositions x NumberOfSlices"
-    images = _positive_int(ds, "ImagesInAcquisition")
     if images:
         return images, "ImagesInAcquisition"
     return None, None
+
+
+def _expected(ds: pydicom.Dataset) -> tuple[int | None, str | None]:
+    return expected_count(
+        _positive_int(ds, "NumberOfTemporalPositions"),
+        _positive_int(ds, "NumberOfSlices"),
+        _positive_int(ds, "ImagesInAcquisition"),
+    )
 
 
 def _check_not_truncated(ds: pydicom.Dataset) -> None:
@@ -117,7 +126,7 @@ def read_header(source: bytes | memoryview | Path | BinaryIO) -> InstanceHeader:
     else:
         fh = source
     try:
-        ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list[BaseTag](_WANTED))
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=list[BaseTag](WANTED_TAGS))
         _check_not_truncated(ds)
         # Touch the values so that a malformed element fails here and not later.
         for elem in ds:

@@ -21,7 +21,7 @@ from pydicom import config, hooks
 from pydicom.datadict import dictionary_VR
 from pydicom.uid import PrivateTransferSyntaxes
 
-from node.receive.header import InstanceHeader, read_header
+from node.receive.header import WANTED_TAGS, InstanceHeader, expected_count, read_header
 
 __all__ = ["header_of_file", "scan_header"]
 
@@ -66,25 +66,8 @@ _TEMPORAL_POSITIONS = 0x00200105
 _IMAGES_IN_ACQUISITION = 0x00201002
 _NUMBER_OF_SLICES = 0x00540081
 
-# The top-level elements kept (read_header's _WANTED plus Specific Character Set), with their dictionary VR.
-_WANTED_VR = {
-    _CHARSET: b"CS",
-    _SOP_CLASS: b"UI",
-    _SOP_INSTANCE: b"UI",
-    _STUDY_DATE: b"DA",
-    _ACCESSION: b"SH",
-    _MODALITY: b"CS",
-    _STUDY_DESCRIPTION: b"LO",
-    _SERIES_DESCRIPTION: b"LO",
-    _PATIENT_NAME: b"PN",
-    _PATIENT_ID: b"LO",
-    _STUDY_UID: b"UI",
-    _SERIES_UID: b"UI",
-    _SERIES_NUMBER: b"IS",
-    _TEMPORAL_POSITIONS: b"IS",
-    _IMAGES_IN_ACQUISITION: b"IS",
-    _NUMBER_OF_SLICES: b"US",
-}
+# read_header's WANTED_TAGS and Specific Character Set, with their dictionary VR.
+_WANTED_VR = {tag: dictionary_VR(tag).encode() for tag in [_CHARSET, *map(int, WANTED_TAGS)]}
 
 # Specific Character Set values whose decoding of text is plain latin-1 or UTF-8 in pydicom.
 _ENCODINGS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
@@ -438,12 +421,7 @@ def _header(found: dict[int, bytes], transfer_syntax: str) -> InstanceHeader:
         slices = _U16.unpack(raw_slices)[0] or None
     elif raw_slices:
         raise _Unsure
-    expected: int | None = None
-    source: str | None = None
-    if temporal and slices:
-        expected, source = temporal * slices, "NumberOfTemporalPositions x NumberOfSlices"
-    elif images:
-        expected, source = images, "ImagesInAcquisition"
+    expected, source = expected_count(temporal, slices, images)
     return InstanceHeader(
         sop_class_uid=_required_uid(found.get(_SOP_CLASS)),
         sop_instance_uid=_required_uid(found.get(_SOP_INSTANCE)),

@@ -63,6 +63,14 @@ _LATEST_VERSION = (
     .limit(1)
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
+
+
+def _first_version(dialect: Any) -> Any:
+    """Version 1 of an instance, or nothing (no row returned) when its SOP Instance UID is stored."""
+    return dialect.insert(_INSTANCES).on_conflict_do_nothing().returning(_INSTANCES.c.id)
+
+
+_INSERT_FIRST_VERSION = {"sqlite": _first_version(sqlite), "postgresql": _first_version(postgresql)}
 _TOUCH_SERIES = (
     update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(last_received_at=bindparam("now"))
 )
@@ -134,7 +142,6 @@ class Ingestor:
         self._series_ids: dict[str, int] = {}
         self._links: set[tuple[int, int]] = set()
         self._study_touched: dict[int, float] = {}
-        self._first_version: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     # -- carriers --------------------------------------------------------------------------------
@@ -348,7 +355,7 @@ class Ingestor:
             self._link(conn, series_id, carrier)
             relative = self.spool.place(h.study_uid, h.series_uid, h.sop_instance_uid, 1)
             inserted = conn.execute(
-                self._insert_first_version(conn),
+                _INSERT_FIRST_VERSION[conn.dialect.name],
                 _instance_row(temp, carrier, h, series_id, 1, relative, now),
             ).first()
             if inserted is None:
@@ -484,16 +491,6 @@ class Ingestor:
                 return
             self._study_touched[study_id] = tick
         conn.execute(_TOUCH_STUDY, {"study_id": study_id, "now": now})
-
-    def _insert_first_version(self, conn: Connection) -> Any:
-        """INSERT ... ON CONFLICT DO NOTHING for the instance row, built once per dialect."""
-        name = conn.dialect.name
-        stmt = self._first_version.get(name)
-        if stmt is None:
-            module: Any = postgresql if name == "postgresql" else sqlite
-            stmt = module.insert(_INSTANCES).on_conflict_do_nothing().returning(_INSTANCES.c.id)
-            self._first_version[name] = stmt
-        return stmt
 
     @staticmethod
     def _keys(h: InstanceHeader, carrier: Carrier) -> dict[str, str]:
