@@ -9,8 +9,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.presentation import StoragePresentationContexts
 
+from node.dispatch.reactor_guard import guard_responses
 from node.receive.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from tests.conftest import RunningNode, dcmtk_env, need_tool
 
@@ -60,12 +62,21 @@ def scu_ae(calling: str = "PYSCU", transfer_syntaxes: Sequence[str] | None = Non
     return ae
 
 
+def associate(ae: AE, port: int, *, ae_title: str, **assoc_kw: Any) -> Association:
+    """``ae.associate`` on 127.0.0.1 with pynetdicom's reactor kept off the C-STORE responses
+    (``node.dispatch.reactor_guard``: without it a fast answer is sometimes dropped and the send
+    waits out the DIMSE timeout)."""
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title, **assoc_kw)
+    guard_responses(assoc)
+    return assoc
+
+
 def send_datasets(
     node: RunningNode, datasets: Sequence[Dataset | Path], *, calling: str = "PYSCU", **assoc_kw: Any
 ) -> list[int]:
     """One association; returns the status of every C-STORE in order."""
     ae = scu_ae(calling)
-    assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title=node.ae_title, **assoc_kw)
+    assoc = associate(ae, node.dimse_port, ae_title=node.ae_title, **assoc_kw)
     assert assoc.is_established, "association not established"
     statuses = []
     try:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from node.audit.recorder import as_event
 from node.db.models import AuditEvent, Instance, Series
 from tests.conftest import RunningNode, need_shared, start_node, wait_for
-from tests.dimse_peers import echoscu, send_datasets, storescu
+from tests.dimse_peers import associate, echoscu, send_datasets, storescu
 from tests.factories import SeriesSpec, ct_instance, ct_series, write_series
 
 
@@ -285,7 +285,7 @@ def test_real_files_in_every_accepted_transfer_syntax(node: RunningNode) -> None
         for ts in syntaxes:
             if len(ae.requested_contexts) < 128:
                 ae.add_requested_context(cls, [ts])
-    assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title=node.ae_title)
+    assoc = associate(ae, node.dimse_port, ae_title=node.ae_title)
     assert assoc.is_established
     statuses = {}
     try:

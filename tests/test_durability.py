@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from node.db.models import AuditEvent, Instance, Series
 from tests.conftest import RunningNode, start_node, wait_for
-from tests.dimse_peers import echoscu, scu_ae
+from tests.dimse_peers import associate, echoscu, scu_ae
 from tests.factories import SeriesSpec, ct_series
 
 
@@ -37,7 +37,7 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path: Path, seed: int, fsync:
 
     def sender() -> None:
         ae = scu_ae("KILLSCU")
-        assoc = ae.associate("127.0.0.1", running.dimse_port, ae_title=running.ae_title)
+        assoc = associate(ae, running.dimse_port, ae_title=running.ae_title)
         try:
             for ds in datasets:
                 if stop.is_set() or not assoc.is_established:
@@ -144,7 +144,7 @@ def test_disk_full_refuses_with_a700_and_leaves_no_partial_file(tmp_path: Path, 
     try:
         datasets = ct_series(SeriesSpec(n=80, size=256))  # 128 KiB each: 10 MiB, the disk holds 6
         ae = scu_ae("FILLSCU")
-        assoc = ae.associate("127.0.0.1", running.dimse_port, ae_title=running.ae_title)
+        assoc = associate(ae, running.dimse_port, ae_title=running.ae_title)
         statuses = []
         for ds in datasets:
             rsp = assoc.send_c_store(ds)
@@ -174,7 +174,7 @@ def test_min_free_bytes_refuses_before_writing(tmp_path: Path) -> None:
     running = start_node(tmp_path / "st", extra_env={"SEGNODE_STORAGE__MIN_FREE_BYTES": str(2**62)})
     try:
         ae = scu_ae("FILLSCU")
-        assoc = ae.associate("127.0.0.1", running.dimse_port, ae_title=running.ae_title)
+        assoc = associate(ae, running.dimse_port, ae_title=running.ae_title)
         rsp = assoc.send_c_store(ct_series(SeriesSpec(n=1))[0])
         assoc.release()
         assert int(rsp.Status) == 0xA700

@@ -34,7 +34,7 @@ from node.receive.spool import Spool
 from node.receive.store_codec import decode_c_store_rq, encode_c_store_rsp
 from node.receive.write_gate import WriteGate
 from tests.conftest import RunningNode, dcmtk_env, need_tool, start_node, wait_for
-from tests.dimse_peers import echoscu, scu_ae, send_datasets
+from tests.dimse_peers import associate, echoscu, scu_ae, send_datasets
 from tests.factories import SeriesSpec, ct_instance, ct_series, write_series
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -253,7 +253,7 @@ def test_many_small_pdus_and_fragments_store_byte_exact(node: RunningNode) -> No
     datasets = ct_series(SeriesSpec(n=3, size=128))
     ae = scu_ae("SMALLPDU")
     ae.maximum_pdu_size = 4096
-    assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title=node.ae_title, max_pdu=4096)
+    assoc = associate(ae, node.dimse_port, ae_title=node.ae_title, max_pdu=4096)
     assert assoc.is_established
     try:
         statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]

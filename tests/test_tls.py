@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from node.db.models import Instance
 from tests.conftest import RunningNode, dcmtk_env, need_tool, start_node
-from tests.dimse_peers import scu_ae
+from tests.dimse_peers import associate, scu_ae
 from tests.factories import SeriesSpec, ct_series, write_series
 
 
@@ -67,8 +67,8 @@ def _count(node: RunningNode) -> int:
 
 def test_mutual_tls_accepts_trusted_client(tls_node: RunningNode, pki: Path) -> None:
     ae = scu_ae("TLSSCU")
-    assoc = ae.associate(
-        "127.0.0.1",
+    assoc = associate(
+        ae,
         tls_node.dimse_port,
         ae_title=tls_node.ae_title,
         tls_args=(_client_ctx(pki, "client"), "localhost"),
@@ -85,8 +85,8 @@ def test_mutual_tls_refuses_client_without_trusted_certificate(
     tls_node: RunningNode, pki: Path, cert: str | None
 ) -> None:
     ae = scu_ae("TLSSCU")
-    assoc = ae.associate(
-        "127.0.0.1",
+    assoc = associate(
+        ae,
         tls_node.dimse_port,
         ae_title=tls_node.ae_title,
         tls_args=(_client_ctx(pki, cert), "localhost"),
@@ -101,7 +101,7 @@ def test_mutual_tls_refuses_client_without_trusted_certificate(
 def test_plain_tcp_client_cannot_store_on_tls_port(tls_node: RunningNode) -> None:
     ae = scu_ae("PLAIN")
     ae.acse_timeout = 5
-    assoc = ae.associate("127.0.0.1", tls_node.dimse_port, ae_title=tls_node.ae_title)
+    assoc = associate(ae, tls_node.dimse_port, ae_title=tls_node.ae_title)
     assert not assoc.is_established
     assert _count(tls_node) == 0
 

@@ -11,6 +11,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
+from node.dispatch.reactor_guard import guard_responses
+
 MAX_CONTEXTS = 128
 
 
@@ -110,6 +112,7 @@ def send_files(
         ae.add_requested_context(sop_class, ts)
     started = time.time()
     assoc = ae.associate(host, port, ae_title=called_ae)
+    guard_responses(assoc)
     if not assoc.is_established:
         raise SendError(f"segnode at {host}:{port} did not accept an association from {calling_ae}")
     statuses: dict[str, int] = {}

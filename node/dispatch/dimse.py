@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.dispatch.destinations import Target
 from node.dispatch.outcome import AttemptResult, InstanceStatus, ResultFile, dimse_status_outcome, hex_status
+from node.dispatch.reactor_guard import guard_responses
 from node.settings import DispatchSection, TlsSection
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def _associate(ae: AE, target: Target, calling: Calling) -> tuple[Association, l
         tls_args=tls_args,
         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))],
     )
+    guard_responses(assoc)  # a quick C-STORE-RSP must reach send_c_store, not the reactor thread
     return assoc, connected
 
 
