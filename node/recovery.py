@@ -1,9 +1,10 @@
 """Start-up reconciliation after a crash: nothing acknowledged is lost, nothing half-written lingers.
 
 - Temp files under ``incoming/`` were never acknowledged: removed.
-- A file in the spool without an instance row was renamed but its transaction did not commit, so it
-  was never acknowledged either; it is complete and fsynced, so it is recorded (audited as
-  ``instance.recovered``) rather than thrown away.
+- A file in the spool without an instance row was renamed, and then either the node died before its
+  transaction committed (never acknowledged), or a power cut lost an ingest commit that SQLite had
+  not yet written through (``synchronous=NORMAL``: the fsynced spool file is the durability point).
+  Either way it is recorded (audited as ``instance.recovered``) rather than thrown away.
 - Carriers still open belonged to the previous process: ended with reason ``restart`` so that
   series completion can proceed.
 """

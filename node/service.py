@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from node import __version__
 from node.audit import events as ev
 from node.completion.monitor import CompletionMonitor
-from node.db.engine import make_engine, make_session_factory
+from node.db.engine import make_engine, make_ingest_engine, make_session_factory
 from node.db.migrate import upgrade
 from node.dispatch.dispatcher import Dispatcher
 from node.execute.executor import Executor
@@ -91,7 +91,8 @@ class Node:
         self.settings = settings
         self.db = Database.open(settings)
         self.spool = make_spool(settings)
-        self.ingestor = Ingestor(self.db.sessions, self.spool)
+        self.ingest_engine = make_ingest_engine(settings.database_url, echo=settings.database.echo)
+        self.ingestor = Ingestor(make_session_factory(self.ingest_engine), self.spool)
         # dimse.receivers > 1: that many receiver processes share the port (node.receive.receivers).
         self.dimse: Listener = (
             ReceiverPool(settings)
@@ -186,4 +187,5 @@ class Node:
             self.executor.stop(timeout=grace)
         self.dispatcher.stop(timeout=grace)
         self.ingestor.audit(ev.NodeStopped(reason=reason))
+        self.ingest_engine.dispose()
         self.db.engine.dispose()

@@ -128,8 +128,9 @@ class StorageSection(Section):
     )
     fsync: bool = Field(
         True,
-        description="fsync each instance, its folder and the SQLite commit before acknowledging it, so it "
-        "survives power loss; false: it survives a crash of the node (kill -9), not of the machine.",
+        description="fsync each instance under its final spool name before acknowledging it, so it "
+        "survives power loss (start-up recovery re-records a spool file whose database row was lost); "
+        "false: it survives a crash of the node (kill -9), not of the machine.",
     )
 
 

@@ -196,3 +196,82 @@ def test_sqlite_commits_follow_storage_fsync(tmp_path: Path, fsync: bool, synchr
     with db.engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == synchronous
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_ingest_commits_rely_on_the_spool_fsync(tmp_path: Path) -> None:
+    """The receive path's engine commits at NORMAL even with storage.fsync: the fsynced spool file is
+    the durability point (a row lost to a power cut is recovered from the spool at start-up)."""
+    from sqlalchemy import text
+
+    from node.db.engine import make_ingest_engine
+    from node.service import Database
+    from node.settings import Settings
+
+    settings = Settings(storage={"path": tmp_path, "fsync": True})
+    db = Database.open(settings)
+    ingest = make_ingest_engine(settings.database_url)
+    try:
+        with db.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2
+        with ingest.connect() as conn:
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 1
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    finally:
+        ingest.dispose()
+        db.engine.dispose()
+
+
+@pytest.mark.parametrize("frames", [1, 40])
+def test_one_fsync_per_instance_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frames: int
+) -> None:
+    """Each stored instance costs one fsync, of the file under its final name, and no folder fsync; a
+    file of EARLY_FLUSH_BYTES or more has its data flushed (fdatasync) before the write gate as well."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import dcmwrite
+
+    from node.db.engine import make_engine, make_ingest_engine, make_session_factory
+    from node.db.migrate import upgrade
+    from node.receive.ingest import Ingestor
+    from node.receive.spool import EARLY_FLUSH_BYTES, Spool
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(make_engine(url))
+    spool = Spool(tmp_path / "spool", tmp_path / "incoming", fsync=True)
+    ingestor = Ingestor(make_session_factory(make_ingest_engine(url)), spool)
+    carrier = ingestor.open_carrier(
+        "dimse", calling_ae="SCU", called_ae="SEGNODE", remote_host=None, remote_port=None
+    )
+    ds = ct_series(SeriesSpec(n=1, size=512))[0]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.PixelData = bytes(ds.PixelData) * frames
+    buf = DicomBytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    payload = buf.getvalue()
+    assert (len(payload) >= EARLY_FLUSH_BYTES) == (frames > 1)
+
+    synced: list[tuple[str, str]] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def fsync(fd: int) -> None:
+        synced.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def fdatasync(fd: int) -> None:
+        synced.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    temp = spool.write_temp([payload])
+    result = ingestor.store(temp, carrier)
+    monkeypatch.undo()
+
+    assert result.ok and result.outcome == "stored"
+    final = spool.absolute(spool.place(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, 1))
+    assert final.read_bytes() == payload
+    expected = [("fsync", str(final))]
+    if frames > 1:
+        expected.insert(0, ("fdatasync", str(temp.path)))
+    assert synced == expected

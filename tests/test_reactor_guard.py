@@ -12,25 +12,35 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from node.dispatch.destinations import Target
+from node.dispatch.dimse import Calling, _associate
 from node.dispatch.reactor_guard import guard_responses
 
 
 @pytest.fixture
-def assoc() -> Iterator[Association]:
-    """An established association to a real pynetdicom Verification SCP on a loopback port."""
+def echo_port() -> Iterator[int]:
+    """A real pynetdicom Verification SCP on a loopback port."""
     scp = AE(ae_title="ECHOSCP")
     scp.add_supported_context(Verification)
     server = scp.start_server(("127.0.0.1", 0), block=False)
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def assoc(echo_port: int) -> Iterator[Association]:
+    """An established association to that SCP."""
     scu = AE(ae_title="GUARDSCU")
     scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 30
     scu.add_requested_context(Verification)
-    association = scu.associate("127.0.0.1", server.server_address[1], ae_title="ECHOSCP")
+    association = scu.associate("127.0.0.1", echo_port, ae_title="ECHOSCP")
     assert association.is_established
     try:
         yield association
     finally:
         association.release()
-        server.shutdown()
 
 
 def _store_rsp(message_id: int) -> C_STORE:
@@ -101,3 +111,19 @@ def test_c_echo_through_a_guarded_association(assoc: Association) -> None:
     guard_responses(assoc)
     for _ in range(20):
         assert int(assoc.send_c_echo().Status) == 0
+
+
+def test_the_dispatcher_guards_its_associations(echo_port: int) -> None:
+    ae = AE(ae_title="SEGNODE")
+    ae.add_requested_context(Verification)
+    target = Target(name="pacs", type="dimse", ae_title="ECHOSCP", host="127.0.0.1", port=echo_port)
+    association, connected = _associate(ae, target, Calling(ae_title="SEGNODE"))
+    assert association.is_established and connected
+    try:
+        polls = _count_reactor_polls(association)
+        association.dimse.msg_queue.put((1, _store_rsp(5)))
+        _wait_for_polls(polls, polls[0] + 3)
+        _, msg = association.dimse.get_msg(block=True)
+        assert msg.MessageIDBeingRespondedTo == 5
+    finally:
+        association.release()

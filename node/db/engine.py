@@ -26,9 +26,10 @@ def _sqlite_pragmas(synchronous: str) -> Callable[[Any, Any], None]:
 def make_engine(url: str, echo: bool = False, durable: bool = True) -> Engine:
     """Create an engine; for SQLite the parent folder is created and WAL is switched on.
 
-    ``durable`` (``storage.fsync``): every SQLite commit fsyncs the WAL (``synchronous=FULL``), so what
-    was acknowledged survives power loss too; without it (``NORMAL``) commits survive a crash of the
-    process, not of the machine, and the database stays consistent either way."""
+    ``durable`` (``storage.fsync``): every SQLite commit fsyncs the WAL (``synchronous=FULL``), so a
+    committed job, delivery or rule change survives power loss too; without it (``NORMAL``) commits
+    survive a crash of the process, not of the machine, and the database stays consistent either way.
+    The receive path records instances through ``make_ingest_engine`` instead."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if parsed.get_backend_name() == "sqlite":
@@ -49,6 +50,15 @@ def make_engine(url: str, echo: bool = False, durable: bool = True) -> Engine:
         event.listen(engine, "connect", lambda c, r: setattr(c, "isolation_level", None))
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return engine
+
+
+def make_ingest_engine(url: str, echo: bool = False) -> Engine:
+    """The engine the receive path records instances with.
+
+    Its SQLite commits run at ``synchronous=NORMAL`` whatever ``storage.fsync`` says: an instance is
+    durable once its spool file is fsynced (``Spool.commit``), and start-up recovery records a spool
+    file whose row a power cut lost. That keeps the instance's fsync the only one before Success."""
+    return make_engine(url, echo=echo, durable=False)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

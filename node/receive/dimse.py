@@ -3,8 +3,8 @@
 The C-STORE handler has its collaborators bound in (``evt_handlers`` with arguments, as in
 pynetdicom's own examples): the data set has already been streamed, with its file meta, into a temp
 file under the spool's ``incoming/`` folder by the receive path (``node.receive.fast_dul``); the
-handler adopts that file (hashed and fsynced while it arrived), has the ingestor record it, and
-answers. Nothing is decoded
+handler adopts that file (hashed while it arrived), has the ingestor record it (rename into the
+spool, one fsync, commit), and answers. Nothing is decoded
 beyond the few header attributes recorded.
 """
 
@@ -163,7 +163,7 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 
 
 def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader | None]:
-    """The received data set as a fsynced temp file under incoming/, and its header when already parsed.
+    """The received data set as a temp file under incoming/, and its header when already parsed.
 
     Raises OutOfSpace or OSError; nothing is left in incoming/ then.
     """
@@ -175,7 +175,7 @@ def _spool_instance(event: Any, spool: Spool) -> tuple[TempFile, InstanceHeader 
         if received.error is not None:
             raise received.error
         spool.check_space(0)  # as write_temp: what stays free after the instance is written
-        if received.sha256 is not None:  # hashed and fsynced while it was written
+        if received.sha256 is not None:  # hashed while it was written
             return TempFile(path=received.path, size=received.size, sha256=received.sha256), received.header
         return spool.adopt_temp(received.path), received.header
     except BaseException:

@@ -271,9 +271,9 @@ class DatasetSink:
     def finish(self) -> ReceivedDataset:
         if self._probe is not None:
             self._parse_probe(complete=True)
-        if self._spool.fsync and self.error is None and self._fd >= 0:
-            try:
-                os.fsync(self._fd)  # durable before the handler records it and answers Success
+        if self.error is None and self._fd >= 0:
+            try:  # a large file's data goes to disk now; Spool.commit fsyncs every file after its rename
+                self._spool.flush_early(self._fd, self.size)
             except OSError as exc:
                 self._fail(exc)
         self._close_fd()

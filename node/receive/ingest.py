@@ -1,16 +1,20 @@
 """The one durable write path for every received instance, whichever protocol carried it.
 
-``Ingestor.store`` takes a fsynced temp file, reads its header, and in one database transaction
-records study, series, instance and audit row; the rename into the spool happens inside that
-transaction after the instance row is flushed, so an acknowledged instance is always both on disk
-and in the database. Carriers (DIMSE associations, STOW-RS requests) are recorded too: series
-completion waits for the carriers of a series to end.
+``Ingestor.store`` takes a temp file, reads its header, and in one database transaction records
+study, series, instance and audit row; the rename into the spool and the instance's one fsync
+(``Spool.commit``) happen inside that transaction after the instance row is written, so an
+acknowledged instance is always both on disk and in the database. The fsynced spool file is the
+durability point: with SQLite the ingest commits run at ``synchronous=NORMAL`` (they survive a crash
+of the node; ``make_ingest_engine``), and should a power cut lose the last commits, start-up recovery
+(``node.recovery``) records every spool file that has no row. Carriers (DIMSE associations, STOW-RS
+requests) are recorded too: series completion waits for the carriers of a series to end.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +35,9 @@ from node.receive.status import Status
 
 log = logging.getLogger(__name__)
 
+#: ``studies.last_received_at`` is written at most this often per study (see Ingestor._touch_study).
+STUDY_TOUCH_SECONDS = 1.0
+
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _SERIES: Table = Series.__table__  # type: ignore[assignment]
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
@@ -41,7 +48,10 @@ _SERIES_ASSOCIATIONS: Table = SeriesAssociation.__table__  # type: ignore[assign
 _LOCK_SERIES = (
     select(_SERIES.c.study_id, _SERIES.c.state, _SERIES.c.generation, _SERIES.c.expected_count)
     .where(_SERIES.c.id == bindparam("series_id"))
-    .with_for_update()
+    # FOR NO KEY UPDATE (PostgreSQL), the lock the counter's UPDATE takes: FOR UPDATE would also
+    # conflict with the KEY SHARE locks that concurrent instance inserts take on the series row
+    # (foreign key), and deadlock with them.
+    .with_for_update(key_share=True)
 )
 _TOUCH_STUDY = (
     update(_STUDIES).where(_STUDIES.c.id == bindparam("study_id")).values(last_received_at=bindparam("now"))
@@ -53,6 +63,14 @@ _LATEST_VERSION = (
     .limit(1)
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
+
+
+def _first_version(dialect: Any) -> Any:
+    """Version 1 of an instance, or nothing (no row returned) when its SOP Instance UID is stored."""
+    return dialect.insert(_INSTANCES).on_conflict_do_nothing().returning(_INSTANCES.c.id)
+
+
+_INSERT_FIRST_VERSION = {"sqlite": _first_version(sqlite), "postgresql": _first_version(postgresql)}
 _TOUCH_SERIES = (
     update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(last_received_at=bindparam("now"))
 )
@@ -60,6 +78,7 @@ _COUNT_INSTANCE = (
     update(_SERIES)
     .where(_SERIES.c.id == bindparam("series_id"))
     .values(last_received_at=bindparam("now"), instance_count=_SERIES.c.instance_count + 1)
+    .returning(_SERIES.c.study_id, _SERIES.c.state, _SERIES.c.generation, _SERIES.c.expected_count)
 )
 
 
@@ -87,6 +106,31 @@ class StoreResult:
         return self.status == Status.SUCCESS
 
 
+def _instance_row(
+    temp: TempFile,
+    carrier: Carrier,
+    h: InstanceHeader,
+    series_id: int,
+    version: int,
+    relative: str,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "series_id": series_id,
+        "association_id": carrier.db_id,
+        "sop_instance_uid": h.sop_instance_uid,
+        "sop_class_uid": h.sop_class_uid,
+        "version": version,
+        "path": relative,
+        "size": temp.size,
+        "sha256": temp.sha256,
+        "transfer_syntax": h.transfer_syntax,
+        "calling_ae": carrier.calling_ae,
+        "remote_host": carrier.remote_host,
+        "received_at": now,
+    }
+
+
 class Ingestor:
     def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
         self.sessions = sessions
@@ -97,6 +141,7 @@ class Ingestor:
         self._engine: Engine = bind
         self._series_ids: dict[str, int] = {}
         self._links: set[tuple[int, int]] = set()
+        self._study_touched: dict[int, float] = {}
         self._lock = threading.Lock()
 
     # -- carriers --------------------------------------------------------------------------------
@@ -189,7 +234,7 @@ class Ingestor:
         expected_study_uid: str | None = None,
         header: InstanceHeader | None = None,
     ) -> StoreResult:
-        """Record ``temp`` (a complete, fsynced Part 10 file) durably, or reject it with a status."""
+        """Record ``temp`` (a complete Part 10 file) durably, or reject it with a status."""
         try:
             if header is None:
                 header = header_of_file(temp.path)
@@ -298,125 +343,168 @@ class Ingestor:
         return int(series_id)
 
     def _record(self, temp: TempFile, carrier: Carrier, h: InstanceHeader) -> StoreResult:
-        """One short transaction in SQLAlchemy Core (the hot path: no ORM unit of work)."""
+        """One short transaction in SQLAlchemy Core (the hot path: no ORM unit of work).
+
+        The common case, an instance not seen before, costs four statements: the instance row
+        (inserted as version 1 unless that SOP Instance UID exists), the series counter (returning
+        what the series row says), the audit row and, at most once a second per study, the study's
+        ``last_received_at``. A SOP Instance UID already stored takes ``_record_again``."""
         now = utcnow()
         with self._engine.begin() as conn:
             series_id = self._series_id(conn, h, carrier, now)
-            series = conn.execute(_LOCK_SERIES, {"series_id": series_id}).first()
+            self._link(conn, series_id, carrier)
+            relative = self.spool.place(h.study_uid, h.series_uid, h.sop_instance_uid, 1)
+            inserted = conn.execute(
+                _INSERT_FIRST_VERSION[conn.dialect.name],
+                _instance_row(temp, carrier, h, series_id, 1, relative, now),
+            ).first()
+            if inserted is None:
+                return self._record_again(conn, temp, carrier, h, series_id, now)
+            series = conn.execute(_COUNT_INSTANCE, {"series_id": series_id, "now": now}).first()
             if series is None:  # cache went stale (database reset under us)
                 raise IntegrityError("series vanished", None, Exception("series row missing"))
-            conn.execute(_TOUCH_STUDY, {"study_id": series.study_id, "now": now})
-            previous = conn.execute(_LATEST_VERSION, {"sop_instance_uid": h.sop_instance_uid}).first()
-            keys = {
-                "study_uid": h.study_uid,
-                "series_uid": h.series_uid,
-                "sop_instance_uid": h.sop_instance_uid,
-                "association_uid": carrier.uid,
-            }
-            self._link(conn, series_id, carrier)
-            if previous is not None and previous.sha256 == temp.sha256:
-                record_on(
-                    conn,
-                    ev.InstanceDuplicate(
-                        **keys, sha256=temp.sha256, version=previous.version, protocol=carrier.protocol
-                    ),
-                    at=now,
-                )
-                conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(last_received_at=now))
-                self.spool.discard(temp)
-                return StoreResult(
-                    Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version
-                )
-
-            version = 1 if previous is None else previous.version + 1
-            relative = self.spool.place(h.study_uid, h.series_uid, h.sop_instance_uid, version)
-            conn.execute(
-                _INSERT_INSTANCE,
-                {
-                    "series_id": series_id,
-                    "association_id": carrier.db_id,
-                    "sop_instance_uid": h.sop_instance_uid,
-                    "sop_class_uid": h.sop_class_uid,
-                    "version": version,
-                    "path": relative,
-                    "size": temp.size,
-                    "sha256": temp.sha256,
-                    "transfer_syntax": h.transfer_syntax,
-                    "calling_ae": carrier.calling_ae,
-                    "remote_host": carrier.remote_host,
-                    "received_at": now,
-                },
+            self._touch_study(conn, series.study_id, now)
+            self._series_changes(conn, series_id, series, h, carrier, now)
+            record_on(
+                conn,
+                ev.InstanceStored(
+                    **self._keys(h, carrier),
+                    sop_class_uid=h.sop_class_uid,
+                    version=1,
+                    size=temp.size,
+                    sha256=temp.sha256,
+                    transfer_syntax=h.transfer_syntax,
+                    path=relative,
+                    protocol=carrier.protocol,
+                ),
+                at=now,
             )
-            reopened = series.state == "complete"
-            new_expected = series.expected_count is None and bool(h.expected_count)
-            if reopened or new_expected:  # rare: build the statement for this case
-                changes: dict[str, Any] = {"last_received_at": now}
-                if version == 1:
-                    changes["instance_count"] = _SERIES.c.instance_count + 1
-                if new_expected:
-                    changes["expected_count"] = h.expected_count
-                    changes["expected_source"] = h.expected_source
-                if reopened:
-                    changes.update(
-                        state="receiving",
-                        generation=series.generation + 1,
-                        completed_at=None,
-                        completion_reason=None,
-                    )
-                conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(**changes))
-            else:
-                conn.execute(
-                    _COUNT_INSTANCE if version == 1 else _TOUCH_SERIES, {"series_id": series_id, "now": now}
-                )
-            if reopened:
-                record_on(
-                    conn,
-                    ev.SeriesReopened(
-                        study_uid=h.study_uid,
-                        series_uid=h.series_uid,
-                        association_uid=carrier.uid,
-                        generation=series.generation + 1,
-                        reason=f"instance {h.sop_instance_uid} arrived after completion",
-                    ),
-                    at=now,
-                )
-            if version == 1:
-                record_on(
-                    conn,
-                    ev.InstanceStored(
-                        **keys,
-                        sop_class_uid=h.sop_class_uid,
-                        version=1,
-                        size=temp.size,
-                        sha256=temp.sha256,
-                        transfer_syntax=h.transfer_syntax,
-                        path=relative,
-                        protocol=carrier.protocol,
-                    ),
-                    at=now,
-                )
-            else:
-                assert previous is not None
-                record_on(
-                    conn,
-                    ev.InstanceNewVersion(
-                        **keys,
-                        version=version,
-                        previous_sha256=previous.sha256,
-                        sha256=temp.sha256,
-                        protocol=carrier.protocol,
-                    ),
-                    at=now,
-                )
             # Conflicts (same SOP stored concurrently) surfaced above, before the file is placed;
             # the rename happens inside the transaction, so a crash before COMMIT leaves a spool
             # file without a row, which start-up recovery records.
             self.spool.commit(temp, relative)
+        self._remember(h, series_id, carrier)
+        return StoreResult(Status.SUCCESS, "stored", "stored", h, 1)
+
+    def _record_again(
+        self,
+        conn: Connection,
+        temp: TempFile,
+        carrier: Carrier,
+        h: InstanceHeader,
+        series_id: int,
+        now: datetime,
+    ) -> StoreResult:
+        """The SOP Instance UID is stored already: an identical copy, or a new version of it."""
+        series = conn.execute(_LOCK_SERIES, {"series_id": series_id}).first()
+        if series is None:  # cache went stale (database reset under us)
+            raise IntegrityError("series vanished", None, Exception("series row missing"))
+        self._touch_study(conn, series.study_id, now)
+        previous = conn.execute(_LATEST_VERSION, {"sop_instance_uid": h.sop_instance_uid}).first()
+        if previous is None:  # the row that blocked version 1 went away: let store() retry
+            raise IntegrityError("instance vanished", None, Exception("instance row missing"))
+        keys = self._keys(h, carrier)
+        if previous.sha256 == temp.sha256:
+            record_on(
+                conn,
+                ev.InstanceDuplicate(
+                    **keys, sha256=temp.sha256, version=previous.version, protocol=carrier.protocol
+                ),
+                at=now,
+            )
+            conn.execute(_TOUCH_SERIES, {"series_id": series_id, "now": now})
+            self.spool.discard(temp)
+            self._remember(h, series_id, carrier)
+            return StoreResult(
+                Status.SUCCESS, "duplicate", "identical copy already stored", h, previous.version
+            )
+
+        version = previous.version + 1
+        relative = self.spool.place(h.study_uid, h.series_uid, h.sop_instance_uid, version)
+        conn.execute(
+            _INSERT_INSTANCE,
+            _instance_row(temp, carrier, h, series_id, version, relative, now),
+        )
+        conn.execute(_TOUCH_SERIES, {"series_id": series_id, "now": now})
+        self._series_changes(conn, series_id, series, h, carrier, now)
+        record_on(
+            conn,
+            ev.InstanceNewVersion(
+                **keys,
+                version=version,
+                previous_sha256=previous.sha256,
+                sha256=temp.sha256,
+                protocol=carrier.protocol,
+            ),
+            at=now,
+        )
+        self.spool.commit(temp, relative)
+        self._remember(h, series_id, carrier)
+        return StoreResult(Status.SUCCESS, "new_version", "stored", h, version)
+
+    def _series_changes(
+        self,
+        conn: Connection,
+        series_id: int,
+        series: Any,
+        h: InstanceHeader,
+        carrier: Carrier,
+        now: datetime,
+    ) -> None:
+        """Rare: an instance re-opens a completed series, or brings its first count hint."""
+        reopened = series.state == "complete"
+        new_expected = series.expected_count is None and bool(h.expected_count)
+        if not (reopened or new_expected):
+            return
+        changes: dict[str, Any] = {}
+        if new_expected:
+            changes["expected_count"] = h.expected_count
+            changes["expected_source"] = h.expected_source
+        if reopened:
+            changes.update(
+                state="receiving",
+                generation=series.generation + 1,
+                completed_at=None,
+                completion_reason=None,
+            )
+        conn.execute(update(_SERIES).where(_SERIES.c.id == series_id).values(**changes))
+        if reopened:
+            record_on(
+                conn,
+                ev.SeriesReopened(
+                    study_uid=h.study_uid,
+                    series_uid=h.series_uid,
+                    association_uid=carrier.uid,
+                    generation=series.generation + 1,
+                    reason=f"instance {h.sop_instance_uid} arrived after completion",
+                ),
+                at=now,
+            )
+
+    def _touch_study(self, conn: Connection, study_id: int, now: datetime) -> None:
+        """The study's ``last_received_at``, written at most once a second per study (it is shown by
+        ``segnode studies list``; series completion reads the series' own, exact, timestamp)."""
+        tick = time.monotonic()
+        with self._lock:
+            last = self._study_touched.get(study_id)
+            if last is not None and tick - last < STUDY_TOUCH_SECONDS:
+                return
+            self._study_touched[study_id] = tick
+        conn.execute(_TOUCH_STUDY, {"study_id": study_id, "now": now})
+
+    @staticmethod
+    def _keys(h: InstanceHeader, carrier: Carrier) -> dict[str, str]:
+        return {
+            "study_uid": h.study_uid,
+            "series_uid": h.series_uid,
+            "sop_instance_uid": h.sop_instance_uid,
+            "association_uid": carrier.uid,
+        }
+
+    def _remember(self, h: InstanceHeader, series_id: int, carrier: Carrier) -> None:
         with self._lock:
             self._series_ids[h.series_uid] = series_id
             self._links.add((series_id, carrier.db_id))
-        outcome = "stored" if version == 1 else "new_version"
-        return StoreResult(Status.SUCCESS, outcome, "stored", h, version)
 
     def _link(self, conn: Connection, series_id: int, carrier: Carrier) -> None:
         link = (series_id, carrier.db_id)

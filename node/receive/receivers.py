@@ -222,15 +222,13 @@ def receiver_main(settings_data: dict[str, Any], port: int, index: int, parent: 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    from node.db.engine import make_engine, make_session_factory
+    from node.db.engine import make_ingest_engine, make_session_factory
     from node.receive.dimse import DimseServer
     from node.receive.ingest import Ingestor
     from node.receive.spool import Spool
 
     try:
-        engine = make_engine(
-            settings.database_url, echo=settings.database.echo, durable=settings.storage.fsync
-        )
+        engine = make_ingest_engine(settings.database_url, echo=settings.database.echo)
         spool = Spool(
             settings.spool_dir,
             settings.incoming_dir,

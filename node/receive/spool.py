@@ -1,9 +1,15 @@
-"""The durable spool: temp file, fsync, atomic rename into a path built from sanitised UIDs.
+"""The durable spool: temp file, atomic rename into a path built from sanitised UIDs, one fsync.
 
-A file is first written under ``incoming/`` (same filesystem as ``spool/``), fsynced, then renamed
-to ``spool/<study>/<series>/<sop>[.vN].dcm`` and the folder fsynced. A UID that is not a plain
-dotted-digit string of at most 64 characters is replaced by a hash, so nothing a peer sends can
-name a path outside the spool.
+A file is first written under ``incoming/`` (same filesystem as ``spool/``), then renamed to
+``spool/<study>/<series>/<sop>[.vN].dcm`` and fsynced under its final name (``Spool.commit``). That
+single fsync is the instance's durability point: on Linux an fsync of a file that was just given a
+new name also makes that name (and any new folders) durable: ext4 and XFS commit the journal
+transaction that holds the rename, btrfs logs the new name, and ext4 without a journal syncs the new
+parent folders (``ext4_sync_parent``), so no separate folder fsync is needed. Files of
+``EARLY_FLUSH_BYTES`` or more are flushed once more before the rename (``flush_early``), outside the
+database's write gate, so that the fsync under the gate has little left to write. A UID that is not
+a plain dotted-digit string of at most 64 characters is replaced by a hash, so nothing a peer sends
+can name a path outside the spool.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 _PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _COPY_CHUNK = 4 * 1024 * 1024
+EARLY_FLUSH_BYTES = 8 * 1024 * 1024  # flush larger files before the write gate (see flush_early)
 
 
 class OutOfSpace(Exception):
@@ -40,8 +47,8 @@ class TempFile:
     sha256: str
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -80,7 +87,7 @@ class Spool:
         return path
 
     def write_temp(self, chunks: Iterable[bytes | memoryview], size_hint: int = 0) -> TempFile:
-        """Write ``chunks`` to a new temp file, fsynced; on any failure nothing is left behind."""
+        """Write ``chunks`` to a new temp file; on any failure nothing is left behind."""
         self.check_space(size_hint)
         fd, name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
         path = Path(name)
@@ -97,8 +104,7 @@ class Spool:
                             raise OSError(errno.EIO, "short write")
                         view = view[written:]
                     size += len(chunk)
-                if self.fsync:
-                    os.fsync(fh.fileno())
+                self.flush_early(fh.fileno(), size)
         except OSError as exc:
             path.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -110,7 +116,7 @@ class Spool:
         return TempFile(path=path, size=size, sha256=digest.hexdigest())
 
     def adopt_temp(self, path: Path) -> TempFile:
-        """Take over a complete file written by someone else under ``incoming/``: hash and fsync it."""
+        """Take over a complete file written by someone else under ``incoming/``: hash it."""
         digest = hashlib.sha256()
         size = 0
         with open(path, "rb", buffering=0) as fh:
@@ -120,9 +126,18 @@ class Spool:
                     break
                 digest.update(block)
                 size += len(block)
-            if self.fsync:
-                os.fsync(fh.fileno())
+            self.flush_early(fh.fileno(), size)
         return TempFile(path=path, size=size, sha256=digest.hexdigest())
+
+    def flush_early(self, fd: int, size: int) -> None:
+        """Write a large temp file's data to disk now, before the caller takes the write gate.
+
+        ``commit`` fsyncs every file after its rename; for a file of ``EARLY_FLUSH_BYTES`` or more,
+        flushing its data here keeps that fsync (made while the database's write gate is held) down
+        to a journal commit, so one big instance does not hold up every other writer. Smaller files
+        get their one fsync in ``commit`` only."""
+        if self.fsync and size >= EARLY_FLUSH_BYTES:
+            os.fdatasync(fd)
 
     def discard(self, temp: TempFile | Path) -> None:
         path = temp.path if isinstance(temp, TempFile) else temp
@@ -138,19 +153,16 @@ class Spool:
         )
 
     def commit(self, temp: TempFile, relative: str) -> None:
-        """Atomically move ``temp`` to ``relative`` (from ``place``) and make the rename durable."""
+        """Atomically move ``temp`` to ``relative`` (from ``place``), then fsync it there: its data,
+        its new name and any new folders become durable together (see the module's docstring)."""
         final = os.path.join(self._root, relative)
         folder = os.path.dirname(final)
         if folder not in self._known_dirs:
-            new_dirs = [p for p in (folder, os.path.dirname(folder)) if not os.path.exists(p)]
             os.makedirs(folder, exist_ok=True)
-            if self.fsync:
-                for created in reversed(new_dirs):
-                    _fsync_dir(os.path.dirname(created))
             self._known_dirs.add(folder)
         os.replace(temp.path, final)
         if self.fsync:
-            _fsync_dir(folder)
+            _fsync_path(final)
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))

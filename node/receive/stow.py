@@ -2,7 +2,7 @@
 
 ``POST /dicomweb/studies[/{study}]`` takes ``multipart/related; type="application/dicom"``. The body is
 streamed: chunks from the socket are fed to an incremental multipart parser in a worker thread, each
-part goes straight into a temp file under the spool's ``incoming/`` (hashed while written, fsynced),
+part goes straight into a temp file under the spool's ``incoming/`` (hashed while written),
 and as soon as a part is complete it is recorded by ``Ingestor.store``: the same durable write path,
 database rows and audit events as a DIMSE C-STORE. Memory use is bounded by the batch size, whatever
 the size of an instance. The response is a Store Instances Response Module (PS3.18 Annex I) in DICOM
@@ -19,7 +19,6 @@ import hmac
 import io
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -160,7 +159,7 @@ def needs_preamble(head: bytes | bytearray) -> bool:
 
 
 class _TempWriter:
-    """One part's temp file under ``incoming/``: hashed while written, fsynced on ``finish``.
+    """One part's temp file under ``incoming/``: hashed while written (``Spool.commit`` fsyncs it).
 
     A data set sent without the Part 10 preamble gets one (128 zero bytes and ``DICM``), so that what
     lands in the spool is always a Part 10 file, whichever client sent it.
@@ -216,8 +215,7 @@ class _TempWriter:
     def finish(self) -> TempFile:
         try:
             self._settle_start()
-            if self.spool.fsync:
-                os.fsync(self._fh.fileno())
+            self.spool.flush_early(self._fh.fileno(), self.size)
             self._fh.close()
         except OSError as exc:
             self.abort()

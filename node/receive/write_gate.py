@@ -6,7 +6,8 @@ associations (threads, or receiver processes) recording instances at once, the l
 while every waiter is still asleep: throughput drops below that of a single association. The gate
 queues the writers instead: a thread lock within the process, ``flock`` on a file next to the
 database between processes; a waiter is woken the moment the lock is released. Only the database
-transaction goes through the gate; receiving, hashing, fsyncing and header parsing stay parallel.
+transaction, with the instance's rename and fsync inside it (``Spool.commit``), goes through the gate;
+receiving, hashing, header parsing and the early flush of a large file stay parallel.
 
 PostgreSQL needs no gate (it queues writers itself): the gate is a no-op there.
 """
