@@ -23,7 +23,7 @@ from pynetdicom.association import Association
 
 
 def guard_responses(assoc: Association) -> None:
-    """Install the guard on ``assoc`` (a no-op for an association that was not established)."""
+    """Install the guard on ``assoc`` (harmless on one that was not established: nothing polls it)."""
     dimse = assoc.dimse
     queue = dimse.msg_queue
     blocking_get = dimse.get_msg
